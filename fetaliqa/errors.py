@@ -1,0 +1,86 @@
+"""Exceptions with one-line messages that name the file and the problem.
+
+Every error about user input derives from `InputError`, whose `kind` is the short label written to
+the `error` column of a scoring run's `errors/` table and whose message reads ``<source>: <problem>``.
+"""
+
+from __future__ import annotations
+
+
+class FetaliqaError(Exception):
+    """Base class of every error fetaliqa raises on purpose."""
+
+
+class InputError(FetaliqaError):
+    """A problem with one input file or object; `str(err)` is ``"<source>: <problem>"`` on one line."""
+
+    kind = "input"
+
+    def __init__(self, source: str, problem: str):
+        self.source = str(source)
+        self.problem = " ".join(str(problem).split())  # keep it on one line
+        super().__init__(f"{self.source}: {self.problem}")
+
+
+class MissingObjectError(InputError):
+    kind = "missing"
+
+
+class EmptyFileError(InputError):
+    kind = "empty"
+
+
+class TruncatedFileError(InputError):
+    kind = "truncated"
+
+
+class NotAnImageError(InputError):
+    kind = "not_an_image"
+
+
+class BadShapeError(InputError):
+    """Wrong number of dimensions (2-D or 4-D instead of T x H x W) or wrong extent."""
+
+    kind = "bad_shape"
+
+
+class BadDtypeError(InputError):
+    kind = "bad_dtype"
+
+
+class BadFrameCountError(InputError):
+    """T is not divisible by the number of sweeps."""
+
+    kind = "bad_frame_count"
+
+
+class MissingMaskError(InputError):
+    kind = "missing_mask"
+
+
+class MaskMismatchError(InputError):
+    kind = "mask_shape"
+
+
+class BadMaskValuesError(InputError):
+    kind = "mask_values"
+
+
+class MalformedCsvError(InputError):
+    kind = "malformed_csv"
+
+
+class BadUrlError(InputError):
+    kind = "bad_url"
+
+
+class CredentialsError(InputError):
+    kind = "credentials"
+
+
+class CheckpointError(FetaliqaError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it names."""
+
+
+class WeightsError(FetaliqaError):
+    """Pretrained weights that are missing, unreadable, or whose keys do not match the model."""

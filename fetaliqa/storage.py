@@ -1,0 +1,93 @@
+"""Object storage through fsspec: any URL fsspec knows (s3://, gs://, file://, memory://) or a local path.
+
+Credentials come from fsspec's own chain (for S3: the AWS environment variables, profiles, instance
+roles) or from `storage_options`; nothing here logs them or copies them into outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from fetaliqa.errors import BadUrlError, CredentialsError, EmptyFileError, InputError, MissingObjectError
+
+StorageOptions = dict[str, Any] | None
+
+
+def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving `url` and the path of `url` on it; `BadUrlError` for an unknown scheme."""
+    if not url:
+        raise BadUrlError(repr(url), "empty URL")
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except (ValueError, ImportError) as err:
+        raise BadUrlError(url, f"no filesystem for this URL ({err})") from err
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL or path segments with '/', keeping the scheme of `base`."""
+    return posixpath.join(base.rstrip("/"), *parts) if parts else base
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def describe_io_error(url: str, err: BaseException) -> InputError:
+    """Map an error from a filesystem call on `url` to the InputError a user should see."""
+    if isinstance(err, InputError):
+        return err
+    if isinstance(err, FileNotFoundError):
+        return MissingObjectError(url, "no such file or object")
+    name = type(err).__name__
+    if name in {"NoCredentialsError", "PartialCredentialsError"} or "credential" in str(err).lower():
+        # Never echo the error text here: some providers include key ids in it.
+        return CredentialsError(url, f"no usable credentials for this storage ({name})")
+    if isinstance(err, PermissionError):
+        return CredentialsError(url, "access denied")
+    return InputError(url, f"cannot read ({name}: {err})")
+
+
+@contextlib.contextmanager
+def local_copy(url: str, storage_options: StorageOptions = None) -> Iterator[str]:
+    """Yield a local file path holding the object at `url`.
+
+    SimpleITK reads only local files, so remote objects are streamed to a temporary file that is
+    removed on exit; local files are yielded as they are. Raises `MissingObjectError` or
+    `EmptyFileError` (naming `url`) before yielding.
+    """
+    fs, path = filesystem(url, storage_options)
+    try:
+        size = fs.size(path)
+    except Exception as err:  # noqa: BLE001 - every backend raises its own types
+        raise describe_io_error(url, err) from err
+    if size == 0:
+        raise EmptyFileError(url, "file is empty")
+    if is_local(url):
+        yield path
+        return
+    suffix = "".join(_suffixes(path))
+    with tempfile.TemporaryDirectory(prefix="fetaliqa-") as tmp:
+        local = os.path.join(tmp, "object" + suffix)
+        try:
+            with fs.open(path, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=16 << 20)
+        except Exception as err:  # noqa: BLE001
+            raise describe_io_error(url, err) from err
+        yield local
+
+
+def _suffixes(path: str) -> list[str]:
+    """Suffixes that tell SimpleITK the format: '.nii.gz' stays whole."""
+    name = posixpath.basename(path).lower()
+    if name.endswith(".nii.gz"):
+        return [".nii.gz"]
+    return [posixpath.splitext(name)[1]]
