@@ -1,0 +1,32 @@
+"""Models by name (open_clip configs), one factory, weights and checkpoints loaded in one place.
+
+    model, preprocess = build_model("fetalclip", "cls", weights="s3://bucket/FetalCLIP_weights.pt")
+    logits = model(images)                        # (N, 3, 224, 224) float32 -> (N,)
+    scores = model.frame_scores(logits)           # (N,) in [0, 1]
+    save_checkpoint(model, "s3://bucket/run1", threshold=DEFAULT_THRESHOLD["cls"], preprocess=preprocess)
+    model, meta = load_checkpoint("s3://bucket/run1")
+
+`fetalclip` is FetalCLIP's ViT-L/14 image tower; `fetalclip-tiny` has the same classes, small enough for
+CPU tests and demos.
+"""
+
+from fetaliqa.models.checkpoint import FORMAT_VERSION, checkpoint_tensors, load_checkpoint, save_checkpoint
+from fetaliqa.models.encoders import MODEL_NAMES, LoraSpec, PreprocessSpec, seg_block_indices
+from fetaliqa.models.iqa import DEFAULT_THRESHOLD, TASKS, IQAModel, ModelSpec, build_model, model_info
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "FORMAT_VERSION",
+    "MODEL_NAMES",
+    "TASKS",
+    "IQAModel",
+    "LoraSpec",
+    "ModelSpec",
+    "PreprocessSpec",
+    "build_model",
+    "checkpoint_tensors",
+    "load_checkpoint",
+    "model_info",
+    "save_checkpoint",
+    "seg_block_indices",
+]
