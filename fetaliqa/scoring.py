@@ -1,0 +1,186 @@
+"""Components of the scoring pipeline: read a case, score its frames, write its rows.
+
+The pipeline (see `jobs/score.py`) moves ONE ROW PER CASE:
+
+    {"case_id", "source"} --read_case_row--> + images (T,224,224) uint8, native size, spacing
+                          --Predictor------> + scores (T,) float32 [, masks (T,224,224) bool]
+                          --CaseWriter-----> Parquet files of the case; a one-line tally row
+
+A case is the unit of work because compressed .mha stacks decode only whole, and because a case whose
+files are written together can be skipped exactly on a rerun. 840 frames a case keep a GPU's batches
+full: the predictor runs them in micro-batches of `batch_size` frames.
+
+Every component is a plain callable that works on a dict without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fetaliqa import outputs
+from fetaliqa.archive import read_image_stack
+from fetaliqa.ellipse import circumference_mm
+from fetaliqa.errors import InputError
+from fetaliqa.layout import SWEEPS_PER_CASE
+from fetaliqa.models import load_checkpoint
+from fetaliqa.preprocess import IMAGE_SIZE, mask_to_native, normalize_frames, resize_frames
+from fetaliqa.storage import StorageOptions
+
+# Fault injection for tests: when set to a path that does not exist yet, the predictor creates it and
+# kills its own process in the middle of a batch, once, so a test can see Ray replace the actor.
+KILL_ONCE_ENV = "FETALIQA_FAULT_KILL_PREDICTOR_ONCE"
+
+_NO_IMAGES = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+
+
+def read_case_row(row: dict, storage_options: StorageOptions = None) -> dict:
+    """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
+
+    row: {"case_id": str, "source": str (image URI)}. Returns the row plus `images` (T, 224, 224)
+    uint8, `height`, `width`, `spacing_row`, `spacing_col` (mm), and `error`, `message` ("" when read).
+    A case that cannot be read comes back with T = 0 and the error kind and one-line message.
+    """
+    out = {"case_id": row["case_id"], "source": row["source"], "images": _NO_IMAGES, "height": 0,
+           "width": 0, "spacing_row": 0.0, "spacing_col": 0.0, "error": "", "message": ""}
+    try:
+        stack = read_image_stack(row["source"], storage_options)
+    except InputError as err:
+        return out | {"error": err.kind, "message": str(err)}
+    except Exception as err:  # noqa: BLE001 - one unreadable case must not stop an archive
+        message = " ".join(f"{row['source']}: unreadable ({type(err).__name__}: {err})".split())
+        return out | {"error": "unreadable", "message": message}
+    _, height, width = stack.frames.shape
+    return out | {"images": resize_frames(stack.frames), "height": height, "width": width,
+                  "spacing_row": stack.spacing_mm[0], "spacing_col": stack.spacing_mm[1]}
+
+
+class Predictor:
+    """Holds the model (one per Ray actor) and scores the frames of each case in a batch.
+
+    Input batch: the columns of `read_case_row`, one entry per case. Output: the same minus `images`,
+    plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, 224, 224) bool (p > 0.5).
+    """
+
+    def __init__(self, checkpoint: str, batch_size: int = 32, storage_options: StorageOptions = None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.meta = load_checkpoint(checkpoint, storage_options=storage_options, device=self.device)
+        # peft merges MHA adapters into the frozen weights and back out on every forward; merging once
+        # for inference removes that work and the rounding drift it leaves in the weights.
+        self.model.merge_adapters()
+        self.task = self.meta["task"]
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        scored = [self._score_case(np.asarray(images)) for images in batch["images"]]
+        out = {key: value for key, value in batch.items() if key != "images"}
+        out["scores"] = _ragged([scores for scores, _ in scored])
+        if self.task == "seg":
+            out["masks"] = _ragged([masks for _, masks in scored])
+        return out
+
+    @torch.inference_mode()
+    def _score_case(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """images (T, 224, 224) uint8 -> scores (T,) float32 and, for SEG, masks (T, 224, 224) bool."""
+        scores, masks = [], []
+        for start in range(0, len(images), self.batch_size):
+            _maybe_die_once()
+            chunk = torch.from_numpy(images[start:start + self.batch_size]).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                output = self.model(normalize_frames(chunk))
+            scores.append(self.model.frame_scores(output).float().cpu().numpy())
+            if self.task == "seg":
+                masks.append((output.float().squeeze(1) > 0).cpu().numpy())  # logit > 0  <=>  p > 0.5
+        if not scores:
+            return np.zeros(0, np.float32), (np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), bool) if self.task == "seg" else None)
+        return np.concatenate(scores).astype(np.float32), (np.concatenate(masks) if masks else None)
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """An object array of per-case arrays, so cases with different T share one column."""
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def _maybe_die_once() -> None:
+    marker = os.environ.get(KILL_ONCE_ENV)
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+@dataclass
+class CaseWriter:
+    """Postprocesses one scored case and writes its `frames/` and `cases/` (or `errors/`) files.
+
+    Returns a tally row: {"case_id", "frames", "positives", "error"}.
+    """
+
+    output: str
+    threshold: float
+    model_id: str
+    storage_options: StorageOptions = None
+
+    def __call__(self, row: dict) -> dict:
+        case_id = row["case_id"]
+        if row["error"]:
+            errors = pa.table({"source": [row["source"]], "error": [row["error"]], "message": [row["message"]]},
+                              schema=outputs.ERRORS_SCHEMA)
+            outputs.write_table(errors, self._file(outputs.ERRORS, case_id), self.storage_options)
+            return {"case_id": case_id, "frames": 0, "positives": 0, "error": row["error"]}
+        scores = np.asarray(row["scores"], np.float32)
+        masks = None if row.get("masks") is None else np.asarray(row["masks"], bool)
+        frames = self._frames_table(row, scores, masks)
+        outputs.write_table(frames, self._file(outputs.FRAMES, case_id), self.storage_options)
+        outputs.remove_file(self._file(outputs.ERRORS, case_id), self.storage_options)
+        case = self._case_table(row, scores, masks)
+        outputs.write_table(case, self._file(outputs.CASES, case_id), self.storage_options)  # the marker: last
+        positives = int(case["positives"][0].as_py())
+        return {"case_id": case_id, "frames": len(scores), "positives": positives, "error": ""}
+
+    def _file(self, table: str, case_id: str) -> str:
+        return outputs.case_file(self.output, table, case_id)
+
+    def _frames_table(self, row: dict, scores: np.ndarray, masks: np.ndarray | None) -> pa.Table:
+        n = len(scores)
+        positive = scores >= self.threshold
+        area, png = [None] * n, [None] * n
+        if masks is not None:
+            area = [0] * n
+            for i in np.flatnonzero(masks.reshape(n, -1).any(axis=1)):
+                native = mask_to_native(masks[i:i + 1], row["height"], row["width"])[0]
+                area[i] = int(native.sum())
+                if positive[i]:
+                    png[i] = _png(native)
+        frame = np.arange(n, dtype=np.int32)
+        return pa.table({
+            "case_id": [row["case_id"]] * n, "sweep": (frame // (n // SWEEPS_PER_CASE) + 1).astype(np.int8),
+            "frame": frame, "score": scores, "positive": positive, "mask_area": pa.array(area, pa.int32()),
+            "mask_png": pa.array(png, pa.binary()), "model": [self.model_id] * n,
+        }, schema=outputs.FRAMES_SCHEMA)
+
+    def _case_table(self, row: dict, scores: np.ndarray, masks: np.ndarray | None) -> pa.Table:
+        n = len(scores)
+        best = int(np.argmax(scores))
+        ac_mm = None
+        if masks is not None and masks[best].any():
+            native = mask_to_native(masks[best:best + 1], row["height"], row["width"])[0]
+            ac_mm = circumference_mm(native, (row["spacing_row"], row["spacing_col"]))
+        return pa.table({
+            "case_id": [row["case_id"]], "frames": [n], "positives": [int((scores >= self.threshold).sum())],
+            "best_frame": [best], "best_sweep": [best // (n // SWEEPS_PER_CASE) + 1],
+            "best_score": [float(scores[best])], "ac_mm": pa.array([ac_mm], pa.float32()), "source": [row["source"]],
+        }, schema=outputs.CASES_SCHEMA)
+
+
+def _png(mask: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()

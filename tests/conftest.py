@@ -1,0 +1,103 @@
+"""Shared fixtures: a real local Ray, a real S3 endpoint on loopback (moto's server mode), tiny archives
+and checkpoints built with the project's own code."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_FOV_MASK = REPO.parent / "shared" / "reference" / "acouslic_fov_mask.mha"
+
+# Credentials for the loopback S3 endpoint come through the standard AWS environment chain, set before
+# Ray starts so that its workers inherit them. They are moto's dummies, valid nowhere else.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "fetaliqa-test-key", "AWS_SECRET_ACCESS_KEY": "fetaliqa-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+os.environ.update(S3_ENV)
+# Ray must not reach for a cluster a developer may have running, nor phone home.
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of a moto S3 server on 127.0.0.1, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the loopback endpoint: (bucket URL, storage options)."""
+    import s3fs
+
+    options = {"endpoint_url": s3_endpoint}
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    name = "fetaliqa-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    fs.mkdir(name)
+    yield f"s3://{name}", options
+    fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A fresh local Ray for in-process pipeline tests (4 logical CPUs on 2 cores; see fetaliqa.runtime)."""
+    import ray
+
+    from fetaliqa.runtime import init_ray
+
+    init_ray(local_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory) -> Path:
+    """A synthetic ACOUSLIC-layout archive: 4 cases of 6 x 8 frames of 70 x 93 pixels."""
+    from fetaliqa.synth import write_synthetic_archive
+
+    root = tmp_path_factory.mktemp("archive")
+    write_synthetic_archive(str(root), cases=4, frames_per_sweep=8, height=70, width=93, seed=7)
+    return root
+
+
+def _checkpoint(tmp_path_factory, task: str) -> str:
+    from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
+
+    model, preprocess = build_model("fetalclip-tiny", task, seed=11)
+    url = str(tmp_path_factory.mktemp(f"checkpoint-{task}"))
+    save_checkpoint(model, url, threshold=DEFAULT_THRESHOLD[task], preprocess=preprocess)
+    return url
+
+
+@pytest.fixture(scope="session")
+def cls_checkpoint(tmp_path_factory) -> str:
+    return _checkpoint(tmp_path_factory, "cls")
+
+
+@pytest.fixture(scope="session")
+def seg_checkpoint(tmp_path_factory) -> str:
+    return _checkpoint(tmp_path_factory, "seg")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` from the repository root in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,220 @@
+"""The scoring job end to end: real Ray, real Parquet, real SimpleITK files, a real S3 endpoint."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import SimpleITK as sitk
+from conftest import REPO, run_cli
+
+from fetaliqa import outputs
+from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.models import load_checkpoint
+from fetaliqa.scoring import KILL_ONCE_ENV, Predictor, read_case_row
+
+from jobs import score as score_job
+
+
+def score(*flags: str) -> int:
+    return score_job.main(list(flags))
+
+
+def frames_of(archive: Path) -> dict[str, int]:
+    return {c.case_id: read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(archive))}
+
+
+def keyed_scores(output: str, storage_options=None) -> dict[tuple[str, int], float]:
+    table = outputs.read_dataset(output, outputs.FRAMES, storage_options)
+    keys = list(zip(table["case_id"].to_pylist(), table["frame"].to_pylist()))
+    assert len(keys) == len(set(keys)), "a (case_id, frame) row appears twice"
+    return dict(zip(keys, table["score"].to_pylist()))
+
+
+def test_cls_run_writes_the_documented_schema_and_every_frame(ray_local, small_archive, cls_checkpoint, tmp_path):
+    out = str(tmp_path / "out")
+    assert score("--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out,
+                 "--batch-size", "16") == 0
+
+    frames = outputs.read_dataset(out, outputs.FRAMES)
+    cases = outputs.read_dataset(out, outputs.CASES)
+    assert frames.schema.equals(outputs.FRAMES_SCHEMA) and cases.schema.equals(outputs.CASES_SCHEMA)
+    expected = frames_of(small_archive)
+    assert frames.num_rows == sum(expected.values())
+    assert sorted(cases["case_id"].to_pylist()) == sorted(expected)
+    assert outputs.read_dataset(out, outputs.ERRORS).num_rows == 0
+
+    scores = frames["score"].to_numpy()
+    assert np.all((scores >= 0) & (scores <= 1))
+    _, meta = load_checkpoint(cls_checkpoint)
+    assert frames["positive"].to_pylist() == list(scores >= meta["threshold"])
+    assert set(frames["model"].to_pylist()) == {meta["checkpoint_id"]}
+    assert frames["mask_area"].null_count == frames.num_rows and frames["mask_png"].null_count == frames.num_rows
+    # sweep = frame // (T // 6) + 1, for T = 48 here
+    assert frames["sweep"].to_pylist() == [f // 8 + 1 for f in frames["frame"].to_pylist()]
+    assert cases["ac_mm"].null_count == cases.num_rows
+
+
+def test_scores_equal_the_predictor_applied_without_ray(ray_local, small_archive, cls_checkpoint, tmp_path):
+    out = str(tmp_path / "out")
+    assert score("--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out) == 0
+    case = list_cases(str(small_archive))[0]
+    row = read_case_row({"case_id": case.case_id, "source": case.image_uri})
+    direct = Predictor(cls_checkpoint, batch_size=5)({key: np.array([value]) for key, value in row.items()})
+    got = keyed_scores(out)
+    np.testing.assert_allclose([got[(case.case_id, f)] for f in range(len(direct["scores"][0]))],
+                               direct["scores"][0], rtol=0, atol=1e-5)
+
+    cases = outputs.read_dataset(out, outputs.CASES).to_pylist()
+    mine = next(c for c in cases if c["case_id"] == case.case_id)
+    assert mine["best_frame"] == int(np.argmax(direct["scores"][0]))
+    assert mine["best_score"] == pytest.approx(float(np.max(direct["scores"][0])), abs=1e-6)
+
+
+def test_seg_masks_come_back_at_native_resolution(ray_local, small_archive, seg_checkpoint, tmp_path):
+    out = str(tmp_path / "out")
+    assert score("--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", out) == 0
+    frames = outputs.read_dataset(out, outputs.FRAMES)
+    assert frames.num_rows == sum(frames_of(small_archive).values())
+    assert frames["mask_area"].null_count == 0
+    positive = frames.filter(pc.field("positive"))
+    assert positive["mask_png"].null_count == 0
+    assert frames.filter(~pc.field("positive"))["mask_png"].null_count == frames.num_rows - positive.num_rows
+    for png, area in zip(positive["mask_png"].to_pylist()[:5], positive["mask_area"].to_pylist()[:5]):
+        mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (70, 93) and int((mask > 0).sum()) == area
+
+
+def test_object_storage_in_and_out(ray_local, small_archive, cls_checkpoint, s3_bucket, capsys):
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs=options, skip_instance_cache=True)
+    fs.put(str(small_archive), f"{bucket}/archive", recursive=True)
+    fs.put(cls_checkpoint, f"{bucket}/checkpoint", recursive=True)
+    storage_options = '{"endpoint_url": "%s"}' % options["endpoint_url"]
+
+    assert score("--input", f"{bucket}/archive", "--checkpoint", f"{bucket}/checkpoint",
+                 "--output", f"{bucket}/scores", "--storage-options", storage_options) == 0
+
+    s3_options = {"client_kwargs": options}
+    frames = outputs.read_dataset(f"{bucket}/scores", outputs.FRAMES, s3_options)
+    assert frames.num_rows == sum(frames_of(small_archive).values())
+    assert outputs.read_dataset(f"{bucket}/scores", outputs.CASES, s3_options).num_rows == 4
+    printed = capsys.readouterr().out
+    assert "4 cases scored" in printed and "fetaliqa-test-secret" not in printed and "fetaliqa-test-key" not in printed
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path), useCompression=True)
+
+
+def bad_archive(root: Path, good: Path) -> dict[str, str]:
+    """Copy `good`'s images and add one bad file of each kind; returns {case_id: expected error kind}."""
+    images = root / "images" / "stacked_fetal_ultrasound"
+    images.mkdir(parents=True)
+    for src in (good / "images" / "stacked_fetal_ultrasound").iterdir():
+        (images / src.name).write_bytes(src.read_bytes())
+    some = next(images.iterdir()).read_bytes()
+    (images / "truncated.mha").write_bytes(some[: len(some) // 2])
+    (images / "text.mha").write_text("this is not an image\n")
+    (images / "empty.mha").write_bytes(b"")
+    _write(images / "flat.mha", np.zeros((70, 93), np.uint8))
+    _write(images / "hot.mha", np.full((12, 20, 30), 700.0, np.float32))
+    _write(images / "odd.mha", np.zeros((13, 20, 30), np.uint8))
+    return {"truncated": "truncated", "text": "not_an_image", "empty": "empty", "flat": "bad_shape",
+            "hot": "bad_dtype", "odd": "bad_frame_count"}
+
+
+def test_bad_inputs_are_recorded_and_every_good_case_is_scored(ray_local, small_archive, cls_checkpoint, tmp_path):
+    expected = bad_archive(tmp_path / "archive", small_archive)
+    listing = tmp_path / "cases.txt"
+    uris = [c.image_uri for c in list_cases(str(tmp_path / "archive"))] + [str(tmp_path / "nowhere" / "gone.mha")]
+    listing.write_text("\n".join(uris) + "\n")
+    expected["gone"] = "missing"
+    out = str(tmp_path / "out")
+
+    assert score("--input", str(listing), "--checkpoint", cls_checkpoint, "--output", out) == 0
+
+    errors = outputs.read_dataset(out, outputs.ERRORS).to_pylist()
+    assert {Path(e["source"]).name.split(".")[0]: e["error"] for e in errors} == expected
+    for error in errors:
+        assert "\n" not in error["message"] and Path(error["source"]).name in error["message"]
+    cases = outputs.read_dataset(out, outputs.CASES)
+    assert sorted(cases["case_id"].to_pylist()) == sorted(frames_of(small_archive))
+    assert outputs.read_dataset(out, outputs.FRAMES).num_rows == sum(frames_of(small_archive).values())
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "other-model"])
+def test_a_bad_checkpoint_stops_the_job_before_any_work(small_archive, cls_checkpoint, tmp_path, problem):
+    checkpoint = tmp_path / "checkpoint"
+    if problem != "missing":
+        checkpoint.mkdir()
+        for f in Path(cls_checkpoint).iterdir():
+            (checkpoint / f.name).write_bytes(f.read_bytes())
+    if problem == "corrupt":
+        (checkpoint / "weights.safetensors").write_bytes(b"\x00" * 100)
+    if problem == "other-model":
+        meta = (checkpoint / "fetaliqa.json").read_text()
+        (checkpoint / "fetaliqa.json").write_text(meta.replace('"fetalclip-tiny"', '"fetalclip"'))
+    out = tmp_path / "out"
+    result = run_cli("jobs.score", "--input", str(small_archive), "--checkpoint", str(checkpoint),
+                     "--output", str(out), timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "error" in last and str(checkpoint) in last
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def resume_archive(tmp_path_factory) -> Path:
+    """Enough cases that a run can be killed between the first case and the last."""
+    from fetaliqa.synth import write_synthetic_archive
+
+    root = tmp_path_factory.mktemp("resume-archive")
+    write_synthetic_archive(str(root), cases=10, frames_per_sweep=10, height=90, width=120, seed=5)
+    return root
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(ray_local, resume_archive, cls_checkpoint, tmp_path):
+    reference = str(tmp_path / "reference")
+    assert score("--input", str(resume_archive), "--checkpoint", cls_checkpoint, "--output", reference) == 0
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "jobs.score", "--input", str(resume_archive), "--checkpoint", cls_checkpoint,
+            "--output", str(out)]
+    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((out / "cases").glob("*.parquet"))) < 2:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    completed = len(list((out / "cases").glob("*.parquet")))
+    assert 1 <= completed < 10, f"the driver was not killed midway ({completed} cases complete)"
+
+    result = run_cli("jobs.score", "--input", str(resume_archive), "--checkpoint", cls_checkpoint,
+                     "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "already complete" in result.stdout
+
+    expected, got = keyed_scores(reference), keyed_scores(str(out))
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=0, atol=1e-6)
+
+
+def test_a_killed_predictor_actor_is_replaced_and_the_output_is_complete(small_archive, cls_checkpoint, tmp_path):
+    marker = tmp_path / "killed-once"
+    out = tmp_path / "out"
+    result = run_cli("jobs.score", "--input", str(small_archive), "--checkpoint", cls_checkpoint,
+                     "--output", str(out), "--batch-size", "8", env={KILL_ONCE_ENV: str(marker)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists(), "the fault was never injected"
+    assert len(keyed_scores(str(out))) == sum(frames_of(small_archive).values())
+    assert outputs.read_dataset(str(out), outputs.ERRORS).num_rows == 0
