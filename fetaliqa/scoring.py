@@ -36,6 +36,12 @@ from fetaliqa.storage import StorageOptions
 # kills its own process in the middle of a batch, once, so a test can see Ray replace the actor.
 KILL_ONCE_ENV = "FETALIQA_FAULT_KILL_PREDICTOR_ONCE"
 
+# What decoding one ACOUSLIC-size case holds at its peak: the compressed file (~200 MB), the decoded
+# stack (351 MB) and the resized frames (42 MB). Declaring it lets Ray bound concurrent reads by RAM,
+# and keeps the read step a task of its own instead of being fused into the predictor actors, which
+# would serialise every decode behind the model.
+READ_TASK_MEMORY = 1 << 30
+
 _NO_IMAGES = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
 
 

@@ -18,7 +18,7 @@ from fetaliqa.archive import list_cases
 from fetaliqa.models import load_checkpoint
 from fetaliqa.runner import run_recipe, storage_options_arg
 from fetaliqa.runtime import init_ray
-from fetaliqa.scoring import CaseWriter, Predictor, read_case_row
+from fetaliqa.scoring import READ_TASK_MEMORY, CaseWriter, Predictor, read_case_row
 
 
 def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
@@ -45,11 +45,11 @@ def score(args: argparse.Namespace) -> int:
 
     ds = ray.data.from_items([{"case_id": c.case_id, "source": c.image_uri} for c in cases],
                              override_num_blocks=max(1, len(cases)))
-    ds = ds.map(read_case_row, fn_kwargs={"storage_options": so})
+    ds = ds.map(read_case_row, fn_kwargs={"storage_options": so}, memory=READ_TASK_MEMORY)
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": args.checkpoint, "batch_size": args.batch_size,
                                                           "storage_options": so},
-                        batch_size=1, concurrency=args.actors, num_gpus=args.num_gpus_per_actor,
-                        num_cpus=args.cpus_per_actor, batch_format="numpy")
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
+                        num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
     ds = ds.map(CaseWriter(args.output, meta["threshold"], meta["checkpoint_id"], so))
 
     tally = [row for row in ds.iter_rows()] if cases else []
