@@ -216,8 +216,8 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None) -> Stack:
     return Stack(frames=frames, spacing_mm=(float(spacing[1]), float(spacing[0])), source=uri)
 
 
-def read_mask_stack(uri: str, image: Stack, storage_options: StorageOptions = None) -> np.ndarray:
-    """Read the mask stack of `image`: ``(T, H, W)`` uint8 with values in {0, 1, 2}.
+def read_mask_stack(uri: str, image: Stack | None = None, storage_options: StorageOptions = None) -> np.ndarray:
+    """Read the mask stack of `image` (or a mask alone when `image` is None): ``(T, H, W)`` uint8, {0, 1, 2}.
 
     Any integer or floating pixel type is accepted when every value is one of 0, 1, 2. Raises (each
     naming `uri`): `MaskMismatchError` when the mask's shape differs from ``image.frames.shape`` (checked
@@ -227,7 +227,7 @@ def read_mask_stack(uri: str, image: Stack, storage_options: StorageOptions = No
     with storage.local_copy(uri, storage_options) as local:
         reader = _read_header(local, uri)
         shape = tuple(reader.GetSize())[::-1]
-        if shape != image.frames.shape:
+        if image is not None and shape != image.frames.shape:
             raise MaskMismatchError(
                 uri,
                 f"mask shape {_shape_text(shape)} differs from image shape "
@@ -237,8 +237,8 @@ def read_mask_stack(uri: str, image: Stack, storage_options: StorageOptions = No
         mask_image = _read_pixels(reader, local, uri)
     if mask_image.GetPixelID() == sitk.sitkUInt8:
         mask = np.asarray(_PixelBuffer(mask_image))
-        counts = np.bincount(mask.ravel(), minlength=256)  # fast for 351M voxels, no sort
-        bad = [int(v) for v in np.flatnonzero(counts[3:]) + 3]
+        # max() needs no temporary; bincount would widen 351M voxels to int64 first (2.8 GB).
+        bad = np.unique(mask[mask > layout.MASK_SUBOPTIMAL]).tolist() if mask.max(initial=0) > layout.MASK_SUBOPTIMAL else []
         if bad:
             raise BadMaskValuesError(uri, f"mask values outside {{0, 1, 2}}: {_list_text(bad)}")
         return mask

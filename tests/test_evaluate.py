@@ -1,0 +1,191 @@
+"""The evaluation: a hand-made run whose metrics are worked out by hand, then a real scoring run end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+import SimpleITK as sitk
+
+from fetaliqa import layout, outputs
+from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.report import evaluate
+
+from jobs import evaluate as evaluate_job
+from jobs import score as score_job
+
+T, H, W = 12, 20, 30  # 6 sweeps of 2 frames: sweep s (1-based) holds frames 2(s-1) and 2(s-1)+1
+
+
+def rect(top: int, bottom: int, left: int, right: int, value: int = 1) -> np.ndarray:
+    mask = np.zeros((H, W), np.uint8)
+    mask[top:bottom, left:right] = value
+    return mask
+
+
+# alpha: frame 4 suboptimal (50 px), frame 5 optimal (100 px), frame 8 suboptimal; AC of sweep 3 = 200 mm.
+# beta:  frame 1 optimal; AC of sweep 1 = 250 mm.
+GT = {"alpha": {4: rect(5, 10, 5, 15, 2), 5: rect(5, 15, 5, 15, 1), 8: rect(0, 4, 0, 4, 2)},
+      "beta": {1: rect(2, 6, 2, 6, 1)},
+      "gamma": {}, "delta": {}, "epsilon": {}}
+CSV = {"alpha": ["", "", "200", "", "", ""], "beta": ["250", "", "", "", "", ""],
+       "gamma": [""] * 6, "delta": [""] * 6, "epsilon": [""] * 6}
+# scores: alpha flags 0 (wrong), 4 and 5 (right), misses 8; beta flags nothing and misses 1.
+SCORES = {"alpha": {0: 0.6, 4: 0.9, 5: 0.7, 8: 0.2}, "beta": {1: 0.3}}
+PRED_MASKS = {("alpha", 0): rect(0, 3, 0, 3), ("alpha", 4): rect(5, 10, 5, 10), ("alpha", 5): rect(5, 15, 5, 15)}
+THRESHOLD = 0.5
+
+
+def write_archive(root: Path) -> None:
+    """gamma failed in scoring; delta was never scored; epsilon was scored but has no mask."""
+    for folder in (layout.IMAGES_DIR, layout.MASKS_DIR):
+        (root / folder).mkdir(parents=True)
+    for case_id, annotated in GT.items():
+        image = np.full((T, H, W), 40, np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / layout.IMAGES_DIR / f"{case_id}.mha"), True)
+        if case_id != "epsilon":
+            mask = np.zeros((T, H, W), np.uint8)
+            for frame, m in annotated.items():
+                mask[frame] = m
+            sitk.WriteImage(sitk.GetImageFromArray(mask), str(root / layout.MASKS_DIR / f"{case_id}.mha"), True)
+    csv = root / layout.CIRCUMFERENCES_CSV
+    csv.parent.mkdir(parents=True)
+    csv.write_text(",".join(layout.CSV_COLUMNS) + "\n" +
+                   "".join(f"{c},subject-{c}," + ",".join(ac) + "\n" for c, ac in CSV.items()))
+
+
+def write_run(out: str, root: Path, seg: bool = True) -> None:
+    """frames/ and cases/ of alpha, beta and epsilon; errors/ of gamma."""
+    for case_id, ac in (("alpha", 180.0), ("beta", 240.0), ("epsilon", None)):
+        score = np.full(T, 0.1, np.float32)
+        for frame, value in SCORES.get(case_id, {}).items():
+            score[frame] = value
+        positive = score >= THRESHOLD
+        png = [cv2.imencode(".png", PRED_MASKS[(case_id, f)] * 255)[1].tobytes() if seg and positive[f] else None
+               for f in range(T)]
+        area = [int((PRED_MASKS.get((case_id, f), np.zeros(1)) > 0).sum()) if seg else None for f in range(T)]
+        frames = pa.table({"case_id": [case_id] * T, "sweep": np.arange(T, dtype=np.int8) // 2 + 1,
+                           "frame": np.arange(T, dtype=np.int32), "score": score, "positive": positive,
+                           "mask_area": pa.array(area, pa.int32()), "mask_png": pa.array(png, pa.binary()),
+                           "model": ["hand-made"] * T}, schema=outputs.FRAMES_SCHEMA)
+        outputs.write_table(frames, outputs.case_file(out, outputs.FRAMES, case_id))
+        best = int(np.argmax(score))
+        case = pa.table({"case_id": [case_id], "frames": [T], "positives": [int(positive.sum())], "best_frame": [best],
+                         "best_sweep": [best // 2 + 1], "best_score": [float(score[best])],
+                         "ac_mm": pa.array([ac if seg else None], pa.float32()),
+                         "source": [str(root / layout.IMAGES_DIR / f"{case_id}.mha")]}, schema=outputs.CASES_SCHEMA)
+        outputs.write_table(case, outputs.case_file(out, outputs.CASES, case_id))
+    error = pa.table({"source": [str(root / layout.IMAGES_DIR / "gamma.mha")], "error": ["truncated"],
+                      "message": ["gamma.mha: truncated or corrupt image data"]}, schema=outputs.ERRORS_SCHEMA)
+    outputs.write_table(error, outputs.case_file(out, outputs.ERRORS, "gamma"))
+
+
+@pytest.fixture(scope="module")
+def hand_archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hand-archive")
+    write_archive(root)
+    return root
+
+
+def test_hand_made_seg_run_gives_the_hand_computed_metrics(hand_archive, tmp_path):
+    scores = str(tmp_path / "scores")
+    write_run(scores, hand_archive)
+    m = evaluate(scores, str(hand_archive)).metrics
+
+    # 24 frames of alpha and beta; truly positive: alpha 4, 5, 8 and beta 1; predicted: alpha 0, 4, 5
+    frame = m["frame_metrics"]
+    assert (frame["n"], frame["positives"], frame["predicted_positives"]) == (24, 4, 3)
+    assert (frame["tp"], frame["fp"], frame["fn"], frame["tn"]) == (2, 1, 2, 19)
+    assert frame["precision"] == pytest.approx(2 / 3) and frame["recall"] == pytest.approx(1 / 2)
+    assert frame["f1"] == pytest.approx(4 / 7)  # 2 TP / (2 TP + FP + FN)
+    # positives 0.9, 0.7, 0.3, 0.2 against negatives 0.6 and nineteen 0.1: 78 of 80 pairs ranked right
+    assert frame["auroc"] == pytest.approx(78 / 80)
+    # at score >= 0.2 every positive is found for one false positive: F1 = 8 / 9
+    assert frame["best_f1"]["threshold"] == pytest.approx(0.2) and frame["best_f1"]["f1"] == pytest.approx(8 / 9)
+    assert frame["threshold_between"] == [pytest.approx(0.3), pytest.approx(0.6)]
+
+    sweeps = {s["sweep"]: s for s in m["per_sweep"]}
+    assert [sweeps[s]["n"] for s in range(1, 7)] == [4] * 6
+    assert (sweeps[1]["tp"], sweeps[1]["fp"], sweeps[1]["fn"]) == (0, 1, 1)  # alpha 0 flagged, beta 1 missed
+    assert (sweeps[3]["tp"], sweeps[3]["fp"], sweeps[3]["fn"]) == (2, 0, 0)
+    assert (sweeps[5]["tp"], sweeps[5]["fp"], sweeps[5]["fn"]) == (0, 0, 1)
+
+    per_case = {c["case_id"]: c for c in m["case_metrics"]["per_case"]}
+    alpha, beta = per_case["alpha"], per_case["beta"]
+    # alpha selects frame 4 (score 0.9): suboptimal while frame 5 is optimal -> 0.6; its 25 px mask inside the
+    # 50 px annotation of frame 4 -> Dice 2 * 25 / 75; AC 180 against sweep 3's 200 -> 0.1
+    assert (alpha["selected_frame"], alpha["selected_sweep"], alpha["selected_label"]) == (4, 3, "suboptimal")
+    assert alpha["wfss"] == pytest.approx(0.6)
+    assert alpha["soft_dice"] == pytest.approx(2 / 3)
+    assert alpha["nae_ac"] == pytest.approx(0.1) and alpha["reference_ac_mm"] == 200
+    # beta abstains (its top score 0.3 is not positive) on an annotated case: WFSS 0, Dice 0, NAE 1
+    # (its ac_mm 240 is ignored: nothing was selected to measure)
+    assert beta["selected_frame"] is None and (beta["wfss"], beta["soft_dice"], beta["nae_ac"]) == (0.0, 0.0, 1.0)
+    assert (beta["tp"], beta["fp"], beta["fn"]) == (0, 0, 1)
+    aggregate = m["case_metrics"]["aggregate"]
+    assert aggregate["cases"] == 2
+    assert (aggregate["wfss"], aggregate["soft_dice"], aggregate["nae_ac"]) == pytest.approx((0.3, 1 / 3, 0.55))
+
+    # every other case is listed with its reason
+    assert {e["case_id"]: e["reason"] for e in m["excluded_cases"]} == {
+        "gamma": "scoring_error", "delta": "not_scored", "epsilon": "no_mask"}
+    assert m["run"] | {"evaluated_at": None} == m["run"] | {
+        "task": "seg", "models": ["hand-made"], "cases_in_run": 3, "cases_evaluated": 2, "cases_excluded": 3,
+        "evaluated_at": None}
+
+
+def test_cls_run_has_no_dice_or_ac_and_the_report_goes_to_any_fsspec_url(hand_archive, tmp_path, capsys):
+    scores = f"memory://{tmp_path.name}/scores"  # scores in and report out through fsspec
+    write_run(scores, hand_archive, seg=False)
+    assert evaluate_job.main(["--scores", scores, "--data", str(hand_archive)]) == 0
+
+    fs = fsspec.filesystem("memory")
+    root = f"/{tmp_path.name}/scores/evaluation"
+    m = json.loads(fs.cat(f"{root}/metrics.json"))
+    assert m["run"]["task"] == "cls" and m["frame_metrics"]["f1"] == pytest.approx(4 / 7)
+    assert m["case_metrics"]["aggregate"] == {"cases": 2, "wfss": pytest.approx(0.3), "soft_dice": None,
+                                              "nae_ac": None}
+    assert {"pr_curve.png", "traces_alpha.png", "traces_beta.png"} <= set(m["plots"])
+    page = fs.cat(f"{root}/report.html").decode()
+    assert "gamma" in page and "not_scored" in page and "soft Dice" not in page
+    printed = capsys.readouterr().out
+    assert "2 cases, 24 frames: F1 0.571 (precision 0.667, recall 0.500), WFSS 0.300; 3 cases excluded" in printed
+    assert f"memory://{tmp_path.name}/scores/evaluation/report.html" in printed
+    fs.rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_nothing_to_evaluate_is_a_one_line_error(hand_archive, tmp_path, capsys):
+    scores = tmp_path / "scores"
+    (scores / "cases").mkdir(parents=True)
+    assert evaluate_job.main(["--scores", str(scores), "--data", str(hand_archive)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scored case could be evaluated" in err[0] and "not_scored" in err[0]
+
+
+def test_scoring_then_evaluating_a_synthetic_archive(ray_local, small_archive, seg_checkpoint, tmp_path):
+    scores, report_dir = str(tmp_path / "scores"), tmp_path / "report"
+    assert score_job.main(["--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", scores]) == 0
+    assert evaluate_job.main(["--scores", scores, "--data", str(small_archive), "--output", str(report_dir)]) == 0
+
+    m = json.loads((report_dir / "metrics.json").read_text())
+    assert {"run", "frame_metrics", "per_sweep", "case_metrics", "excluded_cases", "plots"} <= set(m)
+    archive_frames = sum(read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(small_archive)))
+    assert m["frame_metrics"]["n"] == archive_frames == sum(s["n"] for s in m["per_sweep"])
+    assert m["run"]["task"] == "seg" and m["case_metrics"]["aggregate"]["cases"] == 4 and not m["excluded_cases"]
+    for key in ("f1", "precision", "recall", "auroc", "auprc", "best_f1", "tp", "fp", "tn", "fn"):
+        assert key in m["frame_metrics"]
+    for case in m["case_metrics"]["per_case"]:
+        assert {"wfss", "soft_dice", "nae_ac", "selected_frame"} <= set(case)
+
+    page = (report_dir / "report.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert "pr_curve.png" in images and len(images) == 1 + 4
+    for name in images:
+        png = cv2.imread(str(report_dir / name))
+        assert png is not None and png.shape[0] > 300 and png.shape[1] > 500, name
