@@ -42,17 +42,15 @@ KILL_ONCE_ENV = "FETALIQA_FAULT_KILL_PREDICTOR_ONCE"
 # would serialise every decode behind the model.
 READ_TASK_MEMORY = 1 << 30
 
-_NO_IMAGES = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-
-
-def read_case_row(row: dict, storage_options: StorageOptions = None) -> dict:
+def read_case_row(row: dict, storage_options: StorageOptions = None, image_size: int = IMAGE_SIZE) -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
 
-    row: {"case_id": str, "source": str (image URI)}. Returns the row plus `images` (T, 224, 224)
-    uint8, `height`, `width`, `spacing_row`, `spacing_col` (mm), and `error`, `message` ("" when read).
+    row: {"case_id": str, "source": str (image URI)}. Returns the row plus `images` (T, S, S)
+    uint8 (S = `image_size`, the checkpoint's), `height`, `width`, `spacing_row`, `spacing_col` (mm), and `error`, `message` ("" when read).
     A case that cannot be read comes back with T = 0 and the error kind and one-line message.
     """
-    out = {"case_id": row["case_id"], "source": row["source"], "images": _NO_IMAGES, "height": 0,
+    out = {"case_id": row["case_id"], "source": row["source"],
+           "images": np.zeros((0, image_size, image_size), np.uint8), "height": 0,
            "width": 0, "spacing_row": 0.0, "spacing_col": 0.0, "error": "", "message": ""}
     try:
         stack = read_image_stack(row["source"], storage_options)
@@ -62,7 +60,7 @@ def read_case_row(row: dict, storage_options: StorageOptions = None) -> dict:
         message = " ".join(f"{row['source']}: unreadable ({type(err).__name__}: {err})".split())
         return out | {"error": "unreadable", "message": message}
     _, height, width = stack.frames.shape
-    return out | {"images": resize_frames(stack.frames), "height": height, "width": width,
+    return out | {"images": resize_frames(stack.frames, image_size), "height": height, "width": width,
                   "spacing_row": stack.spacing_mm[0], "spacing_col": stack.spacing_mm[1]}
 
 
@@ -70,7 +68,8 @@ class Predictor:
     """Holds the model (one per Ray actor) and scores the frames of each case in a batch.
 
     Input batch: the columns of `read_case_row`, one entry per case. Output: the same minus `images`,
-    plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, 224, 224) bool (p > 0.5).
+    plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, S, S) bool (p > 0.5). Frames are
+    normalised with the checkpoint's own mean and std (CLIP's for FetalCLIP, ImageNet's for most timm).
     """
 
     def __init__(self, checkpoint: str, batch_size: int = 32, storage_options: StorageOptions = None):
@@ -80,6 +79,7 @@ class Predictor:
         # for inference removes that work and the rounding drift it leaves in the weights.
         self.model.merge_adapters()
         self.task = self.meta["task"]
+        self.mean, self.std = self.meta["preprocess"]["mean"], self.meta["preprocess"]["std"]
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,18 +92,18 @@ class Predictor:
 
     @torch.inference_mode()
     def _score_case(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """images (T, 224, 224) uint8 -> scores (T,) float32 and, for SEG, masks (T, 224, 224) bool."""
+        """images (T, S, S) uint8 -> scores (T,) float32 and, for SEG, masks (T, S, S) bool."""
         scores, masks = [], []
         for start in range(0, len(images), self.batch_size):
             _maybe_die_once()
             chunk = torch.from_numpy(images[start:start + self.batch_size]).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                output = self.model(normalize_frames(chunk))
+                output = self.model(normalize_frames(chunk, self.mean, self.std))
             scores.append(self.model.frame_scores(output).float().cpu().numpy())
             if self.task == "seg":
                 masks.append((output.float().squeeze(1) > 0).cpu().numpy())  # logit > 0  <=>  p > 0.5
         if not scores:
-            return np.zeros(0, np.float32), (np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), bool) if self.task == "seg" else None)
+            return np.zeros(0, np.float32), (np.zeros((0, *images.shape[1:]), bool) if self.task == "seg" else None)
         return np.concatenate(scores).astype(np.float32), (np.concatenate(masks) if masks else None)
 
 

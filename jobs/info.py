@@ -6,19 +6,34 @@ import argparse
 import json
 import sys
 
-from fetaliqa.models import MODEL_NAMES, model_info
+from fetaliqa.models import MODEL_NAMES, PAPER_BASELINES, TRAINABLE, is_known_model, model_info
 from fetaliqa.runner import run_recipe
+
+
+def model_name(value: str) -> str:
+    if not is_known_model(value):
+        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}, "
+                                         f"or timm:<arch> such as {', '.join(PAPER_BASELINES)}")
+    return value
 
 
 def build_parser(prog: str = "python -m jobs.info") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
+    parser.add_argument("--model", required=True, type=model_name, metavar="NAME",
+                        help=f"{', '.join(MODEL_NAMES)}, or timm:<arch> (a baseline encoder)")
     parser.add_argument("--task", choices=("cls", "seg"), default="cls")
+    parser.add_argument("--trainable", choices=TRAINABLE, default=None,
+                        help="what trains: LoRA + head, head only, or everything (default: the paper's recipe)")
     return parser
 
 
 def info(args: argparse.Namespace) -> int:
-    print(json.dumps(model_info(args.model, args.task), indent=2))
+    try:
+        info_ = model_info(args.model, args.task, trainable=args.trainable)
+    except ValueError as err:  # e.g. SEG on a CNN baseline, LoRA on a CNN
+        print(f"fetaliqa info: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info_, indent=2))
     return 0
 
 

@@ -45,7 +45,8 @@ def score(args: argparse.Namespace) -> int:
 
     ds = ray.data.from_items([{"case_id": c.case_id, "source": c.image_uri} for c in cases],
                              override_num_blocks=max(1, len(cases)))
-    ds = ds.map(read_case_row, fn_kwargs={"storage_options": so}, memory=READ_TASK_MEMORY)
+    ds = ds.map(read_case_row, fn_kwargs={"storage_options": so, "image_size": meta["preprocess"]["image_size"]},
+                memory=READ_TASK_MEMORY)
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": args.checkpoint, "batch_size": args.batch_size,
                                                           "storage_options": so},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),

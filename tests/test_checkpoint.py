@@ -14,7 +14,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fetaliqa.errors import CheckpointError
-from fetaliqa.models import DEFAULT_THRESHOLD, FORMAT_VERSION, build_model, load_checkpoint, save_checkpoint
+from fetaliqa.models import (
+    DEFAULT_THRESHOLD,
+    FORMAT_VERSION,
+    LoraSpec,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 TINY = "fetalclip-tiny"
 
@@ -60,7 +67,7 @@ def test_round_trip(folder, task):
     for key, value in {"format_version": FORMAT_VERSION, "model": TINY, "task": task, "seed": 7,
                        "threshold": DEFAULT_THRESHOLD[task], "preprocess": preprocess.to_dict(),
                        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["attn", "c_fc", "c_proj"]},
-                       "base_weights": None, "includes_encoder": True}.items():
+                       "base_weights": None, "includes_encoder": True, "trainable": "lora"}.items():
         assert meta[key] == value, key
     assert meta["metrics"] == {"val_f1": pytest.approx(0.75), "epoch": 3}
     assert len(meta["checkpoint_id"]) == 16 and int(meta["checkpoint_id"], 16) >= 0
@@ -92,6 +99,45 @@ def test_adapter_only_checkpoint_over_pretrained_weights(tmp_path):
         expected = model(x)
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
         torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+
+
+def test_full_fine_tuned_checkpoint_includes_the_encoder(tmp_path):
+    torch.manual_seed(98)
+    weights = tmp_path / "FetalCLIP_weights.pt"
+    torch.save(open_clip.create_model(TINY).state_dict(), weights)
+    model, preprocess = build_model(TINY, "cls", weights=str(weights), trainable="full")
+    with torch.no_grad():
+        model.encoder.conv1.weight.add_(0.01)  # a trained encoder differs from its base weights
+        model.head.weight.add_(0.1)
+    url = str(tmp_path / "checkpoint")
+    save_checkpoint(model, url, threshold=0.5, preprocess=preprocess)
+    weights.unlink()  # not needed to load: the checkpoint holds the encoder
+    loaded, meta = load_checkpoint(url)
+    assert meta["includes_encoder"] is True and meta["trainable"] == "full" and meta["lora"] is None
+    assert loaded.spec.trainable == "full"
+    stored = load_safetensors((tmp_path / "checkpoint" / "weights.safetensors").read_bytes())
+    assert set(stored) == set(model.state_dict())
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_checkpoint_without_trainable_loads_as_before(tmp_path, lora):
+    # Checkpoints written before training modes have no "trainable": lora set -> LoRA, lora null -> linear.
+    model, preprocess = build_model(TINY, "cls", seed=2, lora=LoraSpec() if lora else None)
+    trained(model)
+    url = str(tmp_path / "checkpoint")
+    save_checkpoint(model, url, threshold=0.5, preprocess=preprocess)
+    meta_path = tmp_path / "checkpoint" / "fetaliqa.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["trainable"]
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_checkpoint(url)
+    assert loaded.spec.trainable == ("lora" if lora else "linear")
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
 
 
 def test_same_model_same_checkpoint_id(tmp_path):
@@ -229,6 +275,14 @@ def test_meta_names_another_model(saved):
     url, fs, path = saved
     edit_meta(fs, path, model="fetalclip")
     expect_error(url, "does not fit model 'fetalclip'")
+
+
+def test_meta_names_a_bad_training_mode(saved):
+    url, fs, path = saved
+    edit_meta(fs, path, trainable="most")
+    expect_error(url, "unknown trainable 'most'")
+    edit_meta(fs, path, trainable="full", includes_encoder=False)
+    expect_error(url, "must include its encoder")
 
 
 def test_adapters_without_base_weights(saved):

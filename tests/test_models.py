@@ -119,6 +119,25 @@ def test_linear_probe_trains_only_the_head():
     assert model.head.weight.grad is not None
 
 
+def test_full_fine_tuning_trains_every_encoder_weight():
+    model, _ = build_model(TINY, trainable="full")
+    assert model.spec.trainable == "full" and model.spec.lora is None
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    assert len(model.trainable_parameters()) == len(list(model.parameters()))
+    model(images()).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.merge_adapters() is model and not model.merged  # no adapters: a no-op, still savable
+
+
+def test_training_modes_resolve_as_before():
+    assert build_model(TINY)[0].spec.trainable == "lora"  # the paper's recipe for a transformer
+    assert build_model(TINY, lora=None)[0].spec.trainable == "linear"  # lora=None: the linear probe
+    linear, _ = build_model(TINY, trainable="linear")
+    assert linear.spec.lora is None and len(linear.trainable_parameters()) == 2
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        build_model(TINY, trainable="partial")
+
+
 def test_build_is_seeded_and_leaves_global_rng_alone():
     state = torch.get_rng_state()
     a, _ = build_model(TINY, "seg", seed=5)
@@ -242,7 +261,7 @@ def test_unknown_model_and_task():
         build_model("fetalclip-huge")
     with pytest.raises(ValueError, match="task"):
         build_model(TINY, "det")
-    assert set(MODEL_NAMES) == {"fetalclip", "fetalclip-tiny"}
+    assert {"fetalclip", "fetalclip-tiny"} <= set(MODEL_NAMES)  # and any config added under model_configs/
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -381,7 +400,9 @@ def test_fetalclip_cls_counts(fetalclip_cls_info):
     assert info["config"]["open_clip"]["vision_cfg"] == {"image_size": 224, "layers": 24, "width": 1024,
                                                          "patch_size": 14}
     assert info["config"]["open_clip"]["text_cfg"]["context_length"] == 117
-    assert info["config"]["lora"] == LoraSpec().to_dict()
+    assert info["config"]["lora"] == LoraSpec().to_dict() and info["config"]["trainable"] == "lora"
+    assert info["trainable_parameters_by_mode"] == {"lora": 3_145_728 + 769, "linear": 769,
+                                                    "full": VIT_L14_TOWER + 769}
 
 
 def test_fetalclip_seg_counts():

@@ -7,24 +7,32 @@
     model, meta = load_checkpoint("s3://bucket/run1")
 
 `fetalclip` is FetalCLIP's ViT-L/14 image tower; `fetalclip-tiny` has the same classes, small enough for
-CPU tests and demos.
+CPU tests and demos. The paper's baselines are timm models by name, trained in the paper's mode:
+
+    model, preprocess = build_model("timm:densenet121", "cls", weights="densenet121.safetensors")  # full
+    model, preprocess = build_model("timm:deit3_large_patch16_224", "cls", weights=...)  # frozen + LoRA
+    model, preprocess = build_model("fetalclip", "cls", weights=..., trainable="linear")  # head only
 """
 
 from fetaliqa.models.checkpoint import FORMAT_VERSION, checkpoint_tensors, load_checkpoint, save_checkpoint
+from fetaliqa.models.baselines import PAPER_BASELINES, is_known_model
 from fetaliqa.models.encoders import MODEL_NAMES, LoraSpec, PreprocessSpec, seg_block_indices
-from fetaliqa.models.iqa import DEFAULT_THRESHOLD, TASKS, IQAModel, ModelSpec, build_model, model_info
+from fetaliqa.models.iqa import DEFAULT_THRESHOLD, TASKS, TRAINABLE, IQAModel, ModelSpec, build_model, model_info
 
 __all__ = [
     "DEFAULT_THRESHOLD",
     "FORMAT_VERSION",
     "MODEL_NAMES",
+    "PAPER_BASELINES",
     "TASKS",
+    "TRAINABLE",
     "IQAModel",
     "LoraSpec",
     "ModelSpec",
     "PreprocessSpec",
     "build_model",
     "checkpoint_tensors",
+    "is_known_model",
     "load_checkpoint",
     "model_info",
     "save_checkpoint",

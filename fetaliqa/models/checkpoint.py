@@ -1,10 +1,11 @@
 """Checkpoints: a folder at any fsspec URL holding `weights.safetensors` and `fetaliqa.json`.
 
 `weights.safetensors` holds the trained tensors only (LoRA adapters and head, incl. the SEG decoder),
-plus the frozen encoder when the model was built without pretrained weights: a random init cannot be
-trusted to come out the same on another machine or torch version. `fetaliqa.json` says how to rebuild
-the rest. Weights are written first and fetaliqa.json last, so a folder with fetaliqa.json is complete.
-Loading never unpickles.
+plus the encoder when it was trained ("full" mode) or built without pretrained weights: a random init
+cannot be trusted to come out the same on another machine or torch version. `fetaliqa.json` says how to
+rebuild the rest, including the training mode (`trainable`; absent in older checkpoints, which load as
+before: LoRA if `lora` is set, else a linear probe). Weights are written first and fetaliqa.json last,
+so a folder with fetaliqa.json is complete. Loading never unpickles.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 
 import fetaliqa
 from fetaliqa.errors import BadUrlError, CheckpointError
-from fetaliqa.models.encoders import LoraSpec, PreprocessSpec, is_lora_key, model_config, some_items
-from fetaliqa.models.iqa import TASKS, IQAModel, ModelSpec, build_model
+from fetaliqa.models.baselines import check_model_name
+from fetaliqa.models.encoders import LoraSpec, PreprocessSpec, is_lora_key, some_items
+from fetaliqa.models.iqa import TASKS, TRAINABLE, IQAModel, ModelSpec, build_model
 from fetaliqa.storage import StorageOptions, describe_io_error, filesystem, join
 
 FORMAT_VERSION = 1
@@ -50,7 +52,7 @@ def save_checkpoint(
     threshold = float(threshold)
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    includes_encoder = model.spec.weights is None
+    includes_encoder = model.spec.weights is None or model.spec.trainable == "full"
     tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint_tensors(model, includes_encoder).items()}
     from safetensors.torch import save
 
@@ -98,7 +100,7 @@ def load_checkpoint(
             raise CheckpointError(f"{url}: holds adapters only and records no base_weights; pass base_weights="
                                   "(the pretrained image-tower weights it was trained on)")
     model, _ = build_model(spec.name, spec.task, weights, spec.lora, storage_options, spec.seed,
-                           decoder_channels=spec.decoder_channels)
+                           decoder_channels=spec.decoder_channels, trainable=spec.trainable)
     _load_tensors(model, tensors, meta["includes_encoder"], url)
     return model.to(device).eval(), meta
 
@@ -124,6 +126,7 @@ def _meta(model: IQAModel, threshold: float, preprocess: PreprocessSpec, metrics
         "model": spec.name,
         "task": spec.task,
         "lora": spec.lora.to_dict() if spec.lora else None,
+        "trainable": spec.trainable,
         "decoder_channels": spec.decoder_channels,
         "seed": spec.seed,
         "base_weights": base_weights,
@@ -180,17 +183,22 @@ def _parse_meta(data: bytes, url: str) -> dict[str, Any]:
 def _spec(meta: dict[str, Any], url: str) -> ModelSpec:
     """The ModelSpec recorded in `meta`, validated; CheckpointError naming `url` otherwise."""
     try:
-        model_config(meta["model"])
+        check_model_name(meta["model"])
         if meta["task"] not in TASKS:
             raise ValueError(f"unknown task {meta['task']!r}")
         if not isinstance(meta["includes_encoder"], bool):
             raise TypeError("includes_encoder is not a boolean")
+        trainable = meta.get("trainable")  # absent before training modes: resolved from `lora` as then
+        if trainable is not None and trainable not in TRAINABLE:
+            raise ValueError(f"unknown trainable {trainable!r}")
+        if trainable == "full" and not meta["includes_encoder"]:
+            raise ValueError("a fully fine-tuned model must include its encoder")
         PreprocessSpec.from_dict(meta["preprocess"])
         lora = LoraSpec.from_dict(meta["lora"]) if meta["lora"] is not None else None
         decoder = meta.get("decoder_channels")
         spec = ModelSpec(name=meta["model"], task=meta["task"], lora=lora, seed=int(meta["seed"]),
                          weights=meta.get("base_weights"),
-                         decoder_channels=int(decoder) if decoder is not None else None)
+                         decoder_channels=int(decoder) if decoder is not None else None, trainable=trainable)
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{url}: {META_FILE} describes no buildable model ({err})") from err
     return spec

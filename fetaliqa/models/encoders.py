@@ -1,6 +1,7 @@
 """Image towers by name: open_clip configs, pretrained weights, LoRA, preprocessing.
 
-This is the one place that touches open_clip's and peft's internals. A model name is the name of a
+This is the one place that touches open_clip's and peft's internals (timm's are in `baselines.py`, which
+reuses the weight reader and LoRA injection here). A model name is the name of a
 config under `fetaliqa/model_configs/` (or any open_clip ViT config); the factory keeps only the image
 tower (`open_clip.transformer.VisionTransformer`) and drops the text tower.
 """
@@ -122,8 +123,14 @@ def load_tower_weights(visual: VisionTransformer, url: str, storage_options: Sto
     file can never run code. Every key of the tower must be present with its shape and no other
     `visual.*` key may appear (text-tower keys are ignored); otherwise WeightsError naming keys and file.
     """
-    state = _tower_state(_read_state_dict(url, storage_options), url)
-    expected = visual.state_dict()
+    state = tower_state(read_state_dict(url, storage_options), url)
+    load_state_checked(visual, state, url, "the image tower")
+
+
+def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], url: str, what: str) -> None:
+    """`module.load_state_dict(state, strict=True)` after checking keys and shapes: WeightsError (one line
+    naming `url` and `what`) listing missing keys, unexpected keys and wrong shapes."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
@@ -131,11 +138,11 @@ def load_tower_weights(visual: VisionTransformer, url: str, storage_options: Sto
     problems = [f"{label}: {some_items(keys)}" for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
     if problems:
-        raise WeightsError(f"{url}: weights do not fit the image tower ({'; '.join(problems)})")
-    visual.load_state_dict(state, strict=True)
+        raise WeightsError(f"{url}: weights do not fit {what} ({'; '.join(problems)})")
+    module.load_state_dict(state, strict=True)
 
 
-def _read_state_dict(url: str, storage_options: StorageOptions) -> dict[str, Any]:
+def read_state_dict(url: str, storage_options: StorageOptions) -> dict[str, Any]:
     """The raw mapping stored at `url`; WeightsError naming `url` if it cannot be read safely."""
     try:
         with local_copy(url, storage_options) as path:
@@ -174,7 +181,7 @@ def _torch_load(path: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
 
 
-def _tower_state(state: dict[str, Any], url: str) -> dict[str, torch.Tensor]:
+def tower_state(state: dict[str, Any], url: str) -> dict[str, torch.Tensor]:
     """The image-tower part of a state dict: `visual.*` keys without the prefix, or all keys if none has
     it; a `module.` prefix (DDP) is dropped first."""
     if all(k.startswith("module.") for k in state):
@@ -197,15 +204,16 @@ def some_items(items: list[str], n: int = 5) -> str:
 # LoRA
 
 
-def inject_lora(visual: VisionTransformer, spec: LoraSpec) -> None:
+def inject_lora(visual: torch.nn.Module, spec: LoraSpec, target_modules: list[str] | None = None) -> None:
     """Freeze `visual` and add LoRA adapters in place (B = 0, so the output is unchanged until trained).
 
     Targeting `attn` (nn.MultiheadAttention) adapts in_proj (q, k, v) and out_proj together: MHA reads
     `out_proj.weight` directly, so a LoRA on `out_proj` alone would never change the output.
+    `target_modules`: full module names to adapt instead of peft's suffix match on `spec.targets`.
     """
     visual.requires_grad_(False)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
-                        target_modules=list(spec.targets))
+                        target_modules=target_modules or list(spec.targets))
     inject_adapter_in_model(config, visual)
     for name, param in visual.named_parameters():
         param.requires_grad_(is_lora_key(name))
@@ -216,7 +224,7 @@ def is_lora_key(name: str) -> bool:
     return ".lora_" in name or name.startswith("lora_")
 
 
-def merge_lora(visual: VisionTransformer) -> None:
+def merge_lora(visual: torch.nn.Module) -> None:
     """Fold every LoRA update into its base weight and remove the adapters, in place.
 
     peft's MultiheadAttention LoRA merges before and unmerges after every forward (W + d - d), which

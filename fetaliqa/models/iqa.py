@@ -1,11 +1,13 @@
-"""The IQA model: a LoRA-adapted image tower with a CLS or SEG head, built by one factory.
+"""The IQA model: an image encoder (FetalCLIP's tower or a timm baseline) with a CLS or SEG head, built
+by one factory, in one of three training modes (`TRAINABLE`): LoRA, linear probe, full fine-tuning.
 
 Images are (N, 3, S, S) float32, already preprocessed per the `PreprocessSpec` that `build_model`
-returns with the model (S = 224 for the fetalclip models).
+returns with the model (S = 224 for the fetalclip models and the paper's baselines).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -13,6 +15,20 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from fetaliqa.models.baselines import (
+    check_model_name,
+    create_timm_encoder,
+    feature_dim,
+    has_attention,
+    inject_timm_lora,
+    is_timm_name,
+    load_timm_weights,
+    timm_block_tokens,
+    timm_config,
+    timm_preprocess_spec,
+    timm_seg_geometry,
+    timm_vit_depth,
+)
 from fetaliqa.models.encoders import (
     LoraSpec,
     PreprocessSpec,
@@ -29,6 +45,8 @@ from fetaliqa.models.heads import UnetrDecoder
 from fetaliqa.storage import StorageOptions
 
 TASKS = ("cls", "seg")
+# "lora": frozen encoder + LoRA + head; "linear": frozen encoder + head; "full": everything trains.
+TRAINABLE = ("lora", "linear", "full")
 # CLS: p >= 0.5. SEG: the score is the mask's area fraction; positive above 1% of the image (ARCHITECTURE.md).
 DEFAULT_THRESHOLD = {"cls": 0.5, "seg": 0.01}
 # SEG decoder base width: UNETR's feature_size 16 for the full model (2.2M decoder parameters);
@@ -46,27 +64,41 @@ class ModelSpec:
     seed: int
     weights: str | None  # pretrained image-tower weights it was built from; None: random init (seeded)
     decoder_channels: int | None  # SEG only
+    # One of TRAINABLE as built; None only in a spec read from a checkpoint older than the field, which
+    # build_model resolves as it always did (LoRA if `lora` is set, else linear).
+    trainable: str | None = None
 
 
 class IQAModel(nn.Module):
-    """Frame quality model. `encoder`: open_clip VisionTransformer (frozen, with LoRA adapters);
-    `head`: nn.Linear(embed_dim, 1) for CLS, `UnetrDecoder` for SEG."""
+    """Frame quality model. `encoder`: open_clip VisionTransformer or timm model (`num_classes=0`), frozen
+    with LoRA adapters, frozen, or trainable per `spec.trainable`; `head`: nn.Linear(features, 1) for CLS,
+    `UnetrDecoder` for SEG (ViT encoders only)."""
 
-    def __init__(self, spec: ModelSpec, encoder: VisionTransformer, head: nn.Module):
+    def __init__(self, spec: ModelSpec, encoder: nn.Module, head: nn.Module):
         super().__init__()
         self.spec = spec
         self.name, self.task = spec.name, spec.task
         self.encoder = encoder
         self.head = head
         self.merged = False
-        depth = len(encoder.transformer.resblocks)
-        self.seg_blocks = seg_block_indices(depth)  # 1-based
+        depth = _vit_depth(encoder)  # None for encoders without one token grid (CNNs, Swin): CLS only
+        self.seg_blocks = seg_block_indices(depth) if depth else []  # 1-based
         self._take = sorted({i - 1 for i in self.seg_blocks})  # 0-based, unique, for forward_intermediates
+
+    def train(self, mode: bool = True) -> IQAModel:
+        """As nn.Module.train, except that a frozen encoder's BatchNorm layers stay in eval mode: their
+        running statistics are part of the frozen weights (and not in an adapter-only checkpoint)."""
+        super().train(mode)
+        if mode and self.spec.trainable != "full":
+            for module in self.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, S, S) float -> CLS: logits (N,); SEG: mask logits (N, 1, S, S)."""
         # A linear probe (no LoRA) needs no graph through the frozen encoder.
-        adapted = self.spec.lora is not None and not self.merged
+        adapted = self.spec.trainable == "full" or (self.spec.lora is not None and not self.merged)
         with torch.set_grad_enabled(torch.is_grad_enabled() and adapted):
             if self.task == "cls":
                 features = self.encoder(images)  # (N, embed_dim): pooled CLS token, projected
@@ -78,9 +110,13 @@ class IQAModel(nn.Module):
 
     def _block_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Patch tokens (N, D, g, g) of the blocks in `seg_blocks`, in that order, from one encoder pass."""
-        out = self.encoder.forward_intermediates(images, indices=self._take, stop_early=True,
-                                                 intermediates_only=True, output_fmt="NCHW")
-        by_block = dict(zip(self._take, out["image_intermediates"]))
+        if isinstance(self.encoder, VisionTransformer):
+            out = self.encoder.forward_intermediates(images, indices=self._take, stop_early=True,
+                                                     intermediates_only=True, output_fmt="NCHW")
+            out = out["image_intermediates"]
+        else:
+            out = timm_block_tokens(self.encoder, images, self._take)
+        by_block = dict(zip(self._take, out))
         return [by_block[i - 1] for i in self.seg_blocks]
 
     def frame_scores(self, output: torch.Tensor) -> torch.Tensor:
@@ -91,12 +127,15 @@ class IQAModel(nn.Module):
         return (output > 0).flatten(1).float().mean(dim=1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """LoRA adapters and head: what an optimizer should see."""
+        """What an optimizer should see: LoRA adapters and head, the head alone, or everything (per mode)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def merge_adapters(self) -> IQAModel:
         """Fold LoRA into the encoder weights for inference (faster; no per-forward merge drift, which peft's
-        MultiheadAttention LoRA has). Irreversible: a merged model can be scored but not saved or trained."""
+        MultiheadAttention LoRA has). Irreversible: a merged model can be scored but not saved or trained.
+        A model without LoRA ("linear", "full") is returned unchanged and stays savable and trainable."""
+        if self.spec.lora is None:
+            return self
         merge_lora(self.encoder)
         self.merged = True
         return self
@@ -111,49 +150,97 @@ def build_model(
     seed: int = 0,
     *,
     decoder_channels: int | None = None,
+    trainable: str | None = None,
 ) -> tuple[IQAModel, PreprocessSpec]:
     """Build the named model for `task` ("cls" or "seg") in train mode, float32, on CPU.
 
-    `weights`: path or fsspec URL of an open_clip state dict for the image tower (None: random init).
-    The encoder is frozen; `lora=None` gives a linear probe (CLS) or a frozen-encoder decoder (SEG).
-    All random init (tower, LoRA A, head) happens under `seed` in a forked RNG, so a model built twice
+    `name`: an open_clip config (`fetalclip`, `fetalclip-tiny`) or `timm:<arch>[.<tag>]` (see
+    `is_known_model`, `PAPER_BASELINES`). `weights`: path or fsspec URL of the encoder's state dict (open_clip
+    or timm format; None: random init). `trainable`: "lora" (frozen encoder + LoRA per `lora` + head),
+    "linear" (frozen encoder + head), "full" (every parameter trains); None: the paper's recipe, i.e.
+    "linear" if `lora` is None, else "full" for timm CNNs and "lora" for transformers. In timm models
+    LoRA's open_clip target names are translated (attn -> qkv, proj; c_fc -> fc1; c_proj -> fc2).
+    All random init (encoder, LoRA A, head) happens under `seed` in a forked RNG, so a model built twice
     with the same arguments is identical and the caller's RNG state is untouched.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "seg":
-        decoder_channels = decoder_channels or DECODER_CHANNELS.get(name, 16)
-    else:
-        decoder_channels = None
-    spec = ModelSpec(name=name, task=task, lora=lora, seed=seed, weights=weights, decoder_channels=decoder_channels)
+    if trainable not in (None, *TRAINABLE):
+        raise ValueError(f"trainable must be one of {TRAINABLE} (or None: the paper's recipe), got {trainable!r}")
+    check_model_name(name)
+    timm_model = is_timm_name(name)
+    decoder_channels = (decoder_channels or DECODER_CHANNELS.get(name, 16)) if task == "seg" else None
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # CPU only: leaves CUDA RNG state alone
-        encoder = create_image_tower(name)
+        encoder = create_timm_encoder(name) if timm_model else create_image_tower(name)
         if weights is not None:
-            load_tower_weights(encoder, weights, storage_options)
-        encoder.requires_grad_(False)
-        if lora is not None:
+            (load_timm_weights if timm_model else load_tower_weights)(encoder, weights, storage_options)
+        mode = _resolve_trainable(encoder, trainable, lora)
+        encoder.requires_grad_(mode == "full")
+        if mode != "lora":
+            lora = None
+        elif timm_model:
+            lora = inject_timm_lora(encoder, lora, name)
+        else:
             inject_lora(encoder, lora)
-        head = _make_head(encoder, task, decoder_channels)
-    return IQAModel(spec, encoder, head), preprocess_spec(encoder)
+        head = _make_head(encoder, task, decoder_channels, name)
+    spec = ModelSpec(name=name, task=task, lora=lora, seed=seed, weights=weights, decoder_channels=decoder_channels,
+                     trainable=mode)
+    preprocess = timm_preprocess_spec(encoder) if timm_model else preprocess_spec(encoder)
+    return IQAModel(spec, encoder, head), preprocess
 
 
-def _make_head(encoder: VisionTransformer, task: str, decoder_channels: int | None) -> nn.Module:
+def _resolve_trainable(encoder: nn.Module, trainable: str | None, lora: LoraSpec | None) -> str:
+    """The training mode `build_model` uses; ValueError where `trainable` and `lora` contradict."""
+    if trainable is None:
+        if lora is None:
+            return "linear"  # lora=None has always meant a linear probe
+        transformer = isinstance(encoder, VisionTransformer) or has_attention(encoder)
+        trainable = "lora" if transformer else "full"
+    if trainable == "lora" and lora is None:
+        raise ValueError("trainable='lora' needs a LoraSpec (lora=None)")
+    if trainable != "lora" and lora not in (None, LoraSpec()):
+        raise ValueError(f"lora={lora} contradicts trainable={trainable!r}, which puts no LoRA on the encoder")
+    return trainable
+
+
+def _vit_depth(encoder: nn.Module) -> int | None:
+    if isinstance(encoder, VisionTransformer):
+        return len(encoder.transformer.resblocks)
+    return timm_vit_depth(encoder)
+
+
+def _make_head(encoder: nn.Module, task: str, decoder_channels: int | None, name: str) -> nn.Module:
     if task == "cls":
-        return nn.Linear(encoder.output_dim, 1)
-    width = encoder.transformer.width
-    size = encoder.image_size[0] if isinstance(encoder.image_size, (tuple, list)) else encoder.image_size
+        dim = encoder.output_dim if isinstance(encoder, VisionTransformer) else feature_dim(encoder)
+        return nn.Linear(dim, 1)
+    if isinstance(encoder, VisionTransformer):
+        width = encoder.transformer.width
+        size = encoder.image_size[0] if isinstance(encoder.image_size, (tuple, list)) else encoder.image_size
+    else:
+        width, size = timm_seg_geometry(encoder, name)
     return UnetrDecoder(token_dim=width, channels=decoder_channels, image_size=size)
 
 
-def model_info(name: str, task: str = "cls", lora: LoraSpec | None = LoraSpec()) -> dict[str, Any]:  # noqa: B008
+def model_info(
+    name: str,
+    task: str = "cls",
+    lora: LoraSpec | None = LoraSpec(),  # noqa: B008
+    *,
+    trainable: str | None = None,
+) -> dict[str, Any]:
     """Parameter counts and config of a model, built without weights (JSON-serialisable ints and dicts).
 
-    `image_tower_parameters`: the open_clip image tower alone (no LoRA, no head).
+    `image_tower_parameters`: the encoder alone (no LoRA, no head). `trainable_parameters`: in the mode
+    built (`config["trainable"]`; `trainable=None`: the paper's recipe); `trainable_parameters_by_mode`:
+    in each mode (its "lora" is None where the encoder has no LoRA targets, as in a CNN).
     """
-    model, preprocess = build_model(name, task, lora=lora)
-    counts = {"parameters": 0, "trainable_parameters": 0, "image_tower_parameters": 0,
-              "lora_parameters": 0, "head_parameters": 0}
+    # timm models count on the meta device (no memory, no init: VGG-16 or a ViT-L in a second); open_clip
+    # moves its model to the CPU explicitly, so FetalCLIP is built for real.
+    with torch.device("meta") if is_timm_name(name) else contextlib.nullcontext():
+        model, preprocess = build_model(name, task, lora=lora, trainable=trainable)
+    counts: dict[str, Any] = {"parameters": 0, "trainable_parameters": 0, "image_tower_parameters": 0,
+                              "lora_parameters": 0, "head_parameters": 0}
     for key, param in model.named_parameters():
         n = param.numel()
         counts["parameters"] += n
@@ -164,8 +251,27 @@ def model_info(name: str, task: str = "cls", lora: LoraSpec | None = LoraSpec())
             counts["lora_parameters"] += n
         else:
             counts["image_tower_parameters"] += n
-    config = {"model": name, "task": task, "open_clip": model_config(name),
-              "lora": lora.to_dict() if lora else None, "preprocess": preprocess.to_dict()}
+    head = counts["head_parameters"]
+    lora_count = _lora_parameter_count(model, lora) if model.spec.lora is None else counts["lora_parameters"]
+    counts["trainable_parameters_by_mode"] = {"lora": None if lora_count is None else lora_count + head,
+                                              "linear": head, "full": counts["image_tower_parameters"] + head}
+    config = {"model": name, "task": task, "trainable": model.spec.trainable,
+              "lora": model.spec.lora.to_dict() if model.spec.lora else None, "preprocess": preprocess.to_dict()}
+    config |= {"timm": timm_config(model.encoder)} if is_timm_name(name) else {"open_clip": model_config(name)}
     if task == "seg":
         config |= {"decoder_channels": model.spec.decoder_channels, "seg_blocks": model.seg_blocks}
     return counts | {"config": config}
+
+
+def _lora_parameter_count(model: IQAModel, lora: LoraSpec | None) -> int | None:
+    """LoRA parameters that `lora` (default LoraSpec()) would add to `model`'s encoder; None if it has no
+    targets. Counted on the meta device: this empties `model`'s encoder, so call it on a throwaway model."""
+    encoder = model.encoder.to("meta")
+    try:
+        if is_timm_name(model.name):
+            inject_timm_lora(encoder, lora or LoraSpec(), model.name)
+        else:
+            inject_lora(encoder, lora or LoraSpec())
+    except ValueError:
+        return None
+    return sum(p.numel() for key, p in encoder.named_parameters() if is_lora_key(key))
