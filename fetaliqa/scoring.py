@@ -21,15 +21,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pyarrow as pa
-import torch
 
 from fetaliqa import outputs
 from fetaliqa.archive import read_image_stack
 from fetaliqa.ellipse import circumference_mm
 from fetaliqa.errors import InputError
 from fetaliqa.layout import SWEEPS_PER_CASE
-from fetaliqa.models import load_checkpoint
-from fetaliqa.preprocess import IMAGE_SIZE, mask_to_native, normalize_frames, resize_frames
+from fetaliqa.inference import FrameModel
+from fetaliqa.preprocess import IMAGE_SIZE, mask_to_native, resize_frames
 from fetaliqa.storage import StorageOptions
 
 # Fault injection for tests: when set to a path that does not exist yet, the predictor creates it and
@@ -68,18 +67,12 @@ class Predictor:
     """Holds the model (one per Ray actor) and scores the frames of each case in a batch.
 
     Input batch: the columns of `read_case_row`, one entry per case. Output: the same minus `images`,
-    plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, S, S) bool (p > 0.5). Frames are
-    normalised with the checkpoint's own mean and std (CLIP's for FetalCLIP, ImageNet's for most timm).
+    plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, S, S) bool (p > 0.5).
     """
 
     def __init__(self, checkpoint: str, batch_size: int = 32, storage_options: StorageOptions = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.meta = load_checkpoint(checkpoint, storage_options=storage_options, device=self.device)
-        # peft merges MHA adapters into the frozen weights and back out on every forward; merging once
-        # for inference removes that work and the rounding drift it leaves in the weights.
-        self.model.merge_adapters()
-        self.task = self.meta["task"]
-        self.mean, self.std = self.meta["preprocess"]["mean"], self.meta["preprocess"]["std"]
+        self.model = FrameModel(checkpoint, storage_options)
+        self.task = self.model.task
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,21 +83,16 @@ class Predictor:
             out["masks"] = _ragged([masks for _, masks in scored])
         return out
 
-    @torch.inference_mode()
     def _score_case(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """images (T, S, S) uint8 -> scores (T,) float32 and, for SEG, masks (T, S, S) bool."""
-        scores, masks = [], []
+        scores, masks = [np.zeros(0, np.float32)], [np.zeros((0, *images.shape[1:]), bool)]
         for start in range(0, len(images), self.batch_size):
             _maybe_die_once()
-            chunk = torch.from_numpy(images[start:start + self.batch_size]).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                output = self.model(normalize_frames(chunk, self.mean, self.std))
-            scores.append(self.model.frame_scores(output).float().cpu().numpy())
-            if self.task == "seg":
-                masks.append((output.float().squeeze(1) > 0).cpu().numpy())  # logit > 0  <=>  p > 0.5
-        if not scores:
-            return np.zeros(0, np.float32), (np.zeros((0, *images.shape[1:]), bool) if self.task == "seg" else None)
-        return np.concatenate(scores).astype(np.float32), (np.concatenate(masks) if masks else None)
+            chunk_scores, chunk_masks = self.model(images[start:start + self.batch_size])
+            scores.append(chunk_scores)
+            if chunk_masks is not None:
+                masks.append(chunk_masks)
+        return np.concatenate(scores).astype(np.float32), (np.concatenate(masks) if self.task == "seg" else None)
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
