@@ -8,7 +8,10 @@ import sys
 COMMANDS = {
     "synth": "write a synthetic ACOUSLIC-layout archive",
     "info": "print a model's parameter counts and config as JSON",
+    "train": "fine-tune a model on an annotated archive with Ray Train (the paper's protocol)",
     "score": "score every frame of an archive on Ray and write Parquet",
+    "evaluate": "compare a scoring run with the archive's annotations: metrics.json and report.html",
+    "demo": "the whole chain on a synthetic archive: synth, train, score, evaluate",
 }
 
 

@@ -1,0 +1,92 @@
+"""Ray Data datasets of labelled frames, from the archive reader and the preprocessing the scorer uses.
+
+One row per frame of an AC sweep:
+    case_id str, sweep int8 (1-based), frame int32 (index in the stack), label uint8 (1: mask present),
+    image (S, S) uint8 (padded square, PIL-exact bicubic resize), mask (S, S) uint8 {0, 1} (SEG only).
+Cases are decoded and resized once (`frame_datasets` materialises them); the train set is then shuffled
+and augmented on the fly in CPU map tasks every epoch (`train_dataset`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from ray.data import Dataset, RandomSeedConfig
+
+from fetaliqa import layout
+from fetaliqa.archive import CaseRef, read_case
+from fetaliqa.errors import MissingMaskError
+from fetaliqa.preprocess import mask_to_model, resize_frames
+from fetaliqa.storage import StorageOptions
+from fetaliqa.training.augment import augment_batch
+from fetaliqa.training.protocol import PARTS, Split, frame_labels, selected_frames
+
+AUGMENT_BATCH = 64  # frames per augmentation task: a few MB, enough to amortise the task overhead
+
+
+def case_items(cases: list[CaseRef], split: Split, part: str) -> list[dict]:
+    """Rows of the cases of one part that have at least one AC sweep: {case_id, image_uri, mask_uri, sweeps}.
+
+    Raises MissingMaskError for a case without a mask: training needs every label.
+    """
+    by_id = {case.case_id: case for case in cases}
+    items = []
+    for case_id in split.part(part):
+        case, sweeps = by_id[case_id], split.sweeps[case_id]
+        if case.mask_uri is None:
+            raise MissingMaskError(case.image_uri, f"no mask for case {case_id!r}: training needs masks for every case")
+        if sweeps:
+            items.append({"case_id": case_id, "image_uri": case.image_uri, "mask_uri": case.mask_uri, "sweeps": sweeps})
+    return items
+
+
+def read_frames(batch: dict[str, np.ndarray], with_masks: bool, storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
+    """Ray Data UDF over ONE case row (batch_size=1): decode it, keep the frames of its AC sweeps, resize.
+
+    Returns N rows (the frames of the case's AC sweeps) in the columns of the module docstring.
+    """
+    case = CaseRef(str(batch["case_id"][0]), str(batch["image_uri"][0]), str(batch["mask_uri"][0]))
+    stack, masks = read_case(case, storage_options, with_mask=True)
+    n_frames = len(stack.frames)
+    frames = selected_frames(list(batch["sweeps"][0]), n_frames)
+    out = {
+        "case_id": np.full(len(frames), case.case_id, dtype=object),
+        "sweep": (frames // (n_frames // layout.SWEEPS_PER_CASE) + 1).astype(np.int8),
+        "frame": frames.astype(np.int32),
+        "label": frame_labels(masks[frames]),
+        "image": resize_frames(stack.frames[frames]),
+    }
+    if with_masks:
+        out["mask"] = mask_to_model(masks[frames])
+    return out
+
+
+def frame_datasets(cases: list[CaseRef], split: Split, task: str,
+                   storage_options: StorageOptions = None) -> dict[str, Dataset]:
+    """{"train", "val", "test": materialised Datasets of frames} (one read task per case).
+
+    Materialising decodes each case once: a compressed stack is far slower to read than to train on.
+    """
+    datasets = {}
+    for part in PARTS:
+        items = case_items(cases, split, part)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.map_batches(read_frames, batch_size=1, fn_kwargs={"with_masks": task == "seg",
+                                                                    "storage_options": storage_options})
+        datasets[part] = ds.materialize()
+    return datasets
+
+
+def train_dataset(frames: Dataset, seed: int) -> Dataset:
+    """The train frames, reshuffled every epoch (reproducibly from `seed`) and augmented on the fly.
+
+    Returns only the columns the loop uses (image, label and, for SEG, mask): tensors, no strings.
+    """
+    shuffled = frames.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    augmented = shuffled.map_batches(augment_batch, batch_size=AUGMENT_BATCH, fn_kwargs={"seed": seed})
+    return augmented.select_columns(tensor_columns(frames))
+
+
+def tensor_columns(frames: Dataset) -> list[str]:
+    """The columns a training loop consumes: image, label and, when present, mask."""
+    return [c for c in ("image", "label", "mask") if c in frames.columns()]

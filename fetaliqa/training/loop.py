@@ -1,0 +1,182 @@
+"""The per-worker training loop run by Ray Train's `TorchTrainer`, and its checkpoints.
+
+Each worker builds the model, wraps it in DDP (`prepare_model`: gloo on CPU, NCCL on GPU), trains on its
+shard of "train" and measures the loss on its shard of "val"; losses are summed across workers so every
+rank reports the same global means. After each epoch rank 0 writes a fetaliqa checkpoint (adapters and
+head, `save_checkpoint`) plus `train_state.pt` (epoch and optimizer state) and reports it. A worker group
+that starts with a checkpoint (after a failure, or a rerun of the same run) resumes after its epoch.
+
+Batches: `image` (B, S, S) uint8, `label` (B,) uint8 and, for SEG, `mask` (B, S, S) uint8 {0, 1}.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConsistencyMode
+from safetensors.torch import load_file
+
+from fetaliqa.models import DEFAULT_THRESHOLD, build_model, checkpoint_tensors, save_checkpoint
+from fetaliqa.models.checkpoint import WEIGHTS_FILE
+from fetaliqa.preprocess import normalize_frames
+
+TRAIN_STATE_FILE = "train_state.pt"
+# Fault injection for tests: a marker path. When set and the file is absent, the last rank creates it and
+# exits right after the first epoch's checkpoint is committed, once, so a test can watch Ray Train restart
+# the worker group from that checkpoint. The recipe reads it in the driver and passes it in `LoopConfig`.
+KILL_ONCE_ENV = "FETALIQA_FAULT_KILL_TRAIN_WORKER_ONCE"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker needs. `model`: keyword arguments of `build_model` (name, task, weights, lora,
+    seed, ...). `batch_size` is global: each of W workers takes batch_size // W frames per step."""
+
+    model: dict[str, Any]
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 3e-4
+    storage_options: dict | None = field(default=None, repr=False)
+    fault_marker: str | None = None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `config = {"loop": LoopConfig}`."""
+    cfg: LoopConfig = config["loop"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.model.get("seed", 0) * 1000 + rank)  # LoRA dropout: reproducible, distinct per rank
+    model, preprocess = build_model(**cfg.model, storage_options=cfg.storage_options)
+    wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1; moved to the worker's device
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)
+    start = restore(ray.train.get_checkpoint(), model, optimizer, device)
+    per_worker = max(1, cfg.batch_size // world)
+    loss_fn = LOSSES[model.task]
+
+    def batches(name: str):
+        return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=per_worker, device=device)
+
+    for epoch in range(start, cfg.epochs):
+        wrapped.train()
+        train_loss = run_epoch(wrapped, loss_fn, batches("train"), preprocess, device, optimizer)
+        model.eval()  # validation on the bare module: no DDP collectives in its forward
+        with torch.no_grad():
+            val_loss = run_epoch(model, loss_fn, batches("val"), preprocess, device)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "resumed_from_epoch": start,
+                   "replica_checksums": replica_checksums(model)}
+        report(metrics, model, preprocess, optimizer, rank)
+        if epoch == start:
+            _maybe_die_once(cfg.fault_marker, rank, world)
+
+
+def run_epoch(model: torch.nn.Module, loss_fn, batches, preprocess, device: torch.device,
+              optimizer: torch.optim.Optimizer | None = None) -> float:
+    """One pass over `batches`; a training step per batch when `optimizer` is given.
+
+    Returns the mean per-frame loss over every worker's frames (an all-reduce of sums and counts); NaN when
+    no worker saw a frame. bf16 autocast on CUDA; the loss itself is computed in float32.
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, frames)
+    for batch in batches:
+        images = normalize_frames(batch["image"], preprocess.mean, preprocess.std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            output = model(images)
+        losses = loss_fn(output.float(), batch)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()  # DDP averages the gradients of equal-sized per-worker batches
+            optimizer.step()
+        total += torch.stack([losses.detach().double().sum(), torch.tensor(float(len(losses)), device=device,
+                                                                           dtype=torch.float64)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def cls_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """BCE with logits per frame: logits (B,) float32, batch["label"] (B,) -> (B,) float32."""
+    return F.binary_cross_entropy_with_logits(logits, batch["label"].float(), reduction="none")
+
+
+def seg_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss plus pixel BCE, per frame: logits (B, 1, S, S) float32, batch["mask"] (B, S, S) -> (B,).
+
+    Dice is computed per frame (not over the batch) so that the mean over a global batch is the mean of the
+    workers' means, as DDP assumes. Per-frame Dice barely penalises a few false-positive pixels on a frame
+    without an abdomen (its gradient there is ~1 / (area + 1)^2); the BCE term does, and most frames have
+    none. `smooth` makes an empty target with an empty prediction a loss of 0.
+    """
+    logits = logits.squeeze(1)
+    target = batch["mask"].float()
+    prob = torch.sigmoid(logits).flatten(1)
+    flat = target.flatten(1)
+    dice = 1 - (2 * (prob * flat).sum(1) + smooth) / (prob.sum(1) + flat.sum(1) + smooth)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    return dice + bce
+
+
+LOSSES = {"cls": cls_loss, "seg": seg_loss}
+
+
+def replica_checksums(model: torch.nn.Module) -> list[float]:
+    """Sum of every trainable parameter (float64) on each rank, gathered: equal entries mean the replicas
+    are in step. One number per rank, in rank order."""
+    local = torch.stack([p.detach().double().sum() for p in model.trainable_parameters()]).sum()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local.item()]
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [g.item() for g in gathered]
+
+
+def report(metrics: dict, model, preprocess, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """`ray.train.report` the epoch's metrics on every rank, with a checkpoint written by rank 0 only."""
+    with tempfile.TemporaryDirectory(prefix="fetaliqa-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(model, tmp, threshold=DEFAULT_THRESHOLD[model.task], preprocess=preprocess, metrics=metrics)
+            torch.save({"epoch": metrics["epoch"], "optimizer": optimizer.state_dict()},
+                       os.path.join(tmp, TRAIN_STATE_FILE))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{metrics['epoch']:03d}")
+
+
+def restore(checkpoint: Checkpoint | None, model, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load model tensors and optimizer state from a checkpoint of `report`; return its epoch (0: none).
+
+    Everything is read without unpickling code: safetensors, and torch.load(weights_only=True).
+    """
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        tensors = load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device))
+        state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location=device, weights_only=True)
+    expected = checkpoint_tensors(model, include_encoder=False)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint.path} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {checkpoint.path} holds tensors the model lacks: {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"fetaliqa train: restored epoch {state['epoch']} from {checkpoint.path}", flush=True)
+    return int(state["epoch"])
+
+
+def _maybe_die_once(marker: str | None, rank: int, world: int) -> None:
+    if not marker or rank != world - 1 or os.path.exists(marker):
+        return
+    # Wait until Ray Train has committed the checkpoint just reported, else the kill could race the
+    # controller's collection of the report and the restart would begin from scratch.
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+    open(marker, "w").close()
+    os._exit(1)

@@ -1,0 +1,105 @@
+"""The paper's protocol: a case-level 70/10/20 split with a fixed seed, AC sweeps only, label = mask present.
+
+A `Split` is plain data (case ids and the 0-based sweeps selected per case) written to `<output>/split.json`
+so that a run can be audited and a rerun can check that it trains on the same cases.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fetaliqa import layout
+from fetaliqa.errors import FetaliqaError
+from fetaliqa.storage import StorageOptions, filesystem, join
+
+SPLIT_FILE = "split.json"
+FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test (the paper's)
+PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Case ids per part (each sorted) and, per case, the 0-based sweeps that have an AC value."""
+
+    seed: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    sweeps: dict[str, list[int]]
+
+    def part(self, name: str) -> list[str]:
+        return getattr(self, name)
+
+
+def split_cases(case_ids: list[str], seed: int, fractions: tuple[float, float, float] = FRACTIONS) -> dict[str, list[str]]:
+    """Deal case ids into train/val/test: a seeded permutation of the sorted ids, cut at the fractions.
+
+    Depends only on the set of ids and `seed` (not on their order). Sizes: val = round(n * fractions[1]),
+    test = round(n * fractions[2]), train = the rest (21/3/6 for 30 cases, 7/1/2 for 10).
+    Returns {"train", "val", "test": sorted id lists}, disjoint, covering every id.
+    """
+    ids = sorted(set(case_ids))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val, n_test = round(len(ids) * fractions[1]), round(len(ids) * fractions[2])
+    shuffled = [ids[i] for i in order]
+    parts = {"val": shuffled[:n_val], "test": shuffled[n_val:n_val + n_test], "train": shuffled[n_val + n_test:]}
+    return {name: sorted(parts[name]) for name in PARTS}
+
+
+def ac_sweeps(circumferences: dict[str, list[float | None]], case_ids: list[str]) -> dict[str, list[int]]:
+    """0-based sweeps that have an AC value in the csv, per case (a case missing from the csv has none).
+
+    circumferences: {case_id: 6 values in mm or None}, as `archive.read_circumferences` returns.
+    """
+    return {case: [s for s, ac in enumerate(circumferences.get(case, [])) if ac is not None] for case in case_ids}
+
+
+def make_split(case_ids: list[str], circumferences: dict[str, list[float | None]], seed: int) -> Split:
+    """The protocol's split of `case_ids` with the AC sweeps of every case."""
+    parts = split_cases(case_ids, seed)
+    return Split(seed=seed, **parts, sweeps=ac_sweeps(circumferences, sorted(case_ids)))
+
+
+def selected_frames(sweeps: list[int], n_frames: int) -> np.ndarray:
+    """Frame indices (M,) int64, ascending, of the given 0-based sweeps of a stack of `n_frames` frames."""
+    per_sweep = n_frames // layout.SWEEPS_PER_CASE
+    if not sweeps:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(s * per_sweep, (s + 1) * per_sweep, dtype=np.int64) for s in sorted(sweeps)])
+
+
+def frame_labels(masks: np.ndarray) -> np.ndarray:
+    """Label per frame: (N, H, W) uint8 mask stack -> (N,) uint8, 1 where the mask holds any abdomen (> 0)."""
+    return masks.reshape(len(masks), -1).any(axis=1).astype(np.uint8)
+
+
+def save_split(split: Split, output: str, storage_options: StorageOptions = None) -> None:
+    """Write `<output>/split.json`; a different split already there is an error (the run would mix data).
+
+    The sweeps are written 1-based (as reported everywhere else); `load_split` turns them back.
+    """
+    existing = load_split(output, storage_options)
+    if existing is not None and existing != split:
+        raise FetaliqaError(f"{join(output, SPLIT_FILE)} holds a different split (other seed or cases); "
+                            "use a new --output")
+    data = asdict(split) | {"fractions": list(FRACTIONS),
+                            "sweeps": {case: [s + 1 for s in sweeps] for case, sweeps in split.sweeps.items()}}
+    fs, root = filesystem(output, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(join(root, SPLIT_FILE), "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def load_split(output: str, storage_options: StorageOptions = None) -> Split | None:
+    """The split in `<output>/split.json`, or None when there is none."""
+    fs, root = filesystem(output, storage_options)
+    path = join(root, SPLIT_FILE)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        data = json.load(f)
+    sweeps = {case: [s - 1 for s in values] for case, values in data["sweeps"].items()}
+    return Split(seed=data["seed"], train=data["train"], val=data["val"], test=data["test"], sweeps=sweeps)

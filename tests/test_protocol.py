@@ -1,0 +1,94 @@
+"""The paper's protocol: case-level split, AC sweeps only, label = mask present (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fetaliqa.archive import list_cases, read_case, read_circumferences
+from fetaliqa.errors import FetaliqaError
+from fetaliqa.training.data import case_items, read_frames
+from fetaliqa.training.protocol import (
+    SPLIT_FILE,
+    frame_labels,
+    load_split,
+    make_split,
+    save_split,
+    selected_frames,
+    split_cases,
+)
+
+IDS = [f"case-{i:02d}" for i in range(30)]
+
+
+def test_split_is_70_10_20_disjoint_and_covers_every_case():
+    parts = split_cases(IDS, seed=0)
+    assert [len(parts[p]) for p in ("train", "val", "test")] == [21, 3, 6]
+    together = parts["train"] + parts["val"] + parts["test"]
+    assert sorted(together) == IDS and len(set(together)) == 30
+    assert [len(split_cases(IDS[:10], seed=0)[p]) for p in ("train", "val", "test")] == [7, 1, 2]
+
+
+def test_split_depends_on_the_seed_and_the_ids_only():
+    assert split_cases(IDS, seed=3) == split_cases(IDS[::-1], seed=3) == split_cases(IDS, seed=3)
+    assert split_cases(IDS, seed=3) != split_cases(IDS, seed=4)
+
+
+def test_frame_labels_are_mask_present():
+    masks = np.zeros((4, 5, 6), np.uint8)
+    masks[1, 2, 3] = 1  # optimal, one pixel
+    masks[3, :, :] = 2  # suboptimal, everywhere
+    assert frame_labels(masks).tolist() == [0, 1, 0, 1]
+    assert frame_labels(masks).dtype == np.uint8
+
+
+def test_selected_frames_are_the_frames_of_the_given_sweeps():
+    assert selected_frames([4, 1], 6 * 3).tolist() == [3, 4, 5, 12, 13, 14]
+    assert selected_frames([], 12).tolist() == []
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    from fetaliqa.synth import write_synthetic_archive
+
+    root = tmp_path_factory.mktemp("protocol-archive")
+    write_synthetic_archive(str(root), cases=6, frames_per_sweep=5, height=48, width=64, seed=5)
+    return str(root)
+
+
+def test_only_sweeps_with_an_ac_value_are_selected_and_labels_follow_the_masks(archive):
+    circumferences = read_circumferences(archive)
+    cases = list_cases(archive)
+    split = make_split([c.case_id for c in cases], circumferences, seed=0)
+    for case_id, sweeps in split.sweeps.items():
+        assert sweeps == [s for s in range(6) if circumferences[case_id][s] is not None]
+    assert any(len(s) < 6 for s in split.sweeps.values())  # the archive has sweeps without AC
+    for part in ("train", "val", "test"):
+        for item in case_items(cases, split, part):
+            batch = {key: np.array([value], dtype=object) for key, value in item.items()}
+            rows = read_frames(batch, with_masks=True)
+            _, masks = read_case(next(c for c in cases if c.case_id == item["case_id"]), with_mask=True)
+            expected = selected_frames(item["sweeps"], len(masks))
+            assert rows["frame"].tolist() == expected.tolist()
+            assert rows["sweep"].tolist() == [f // 5 + 1 for f in expected]
+            assert set(rows["sweep"] - 1) <= set(item["sweeps"])
+            assert rows["label"].tolist() == [int((masks[f] > 0).any()) for f in expected]
+            assert rows["image"].shape == rows["mask"].shape == (len(expected), 224, 224)
+            assert rows["image"].dtype == rows["mask"].dtype == np.uint8
+            # a frame with an abdomen keeps some of it at model resolution, and only those frames do
+            assert rows["mask"].reshape(len(expected), -1).any(axis=1).tolist() == rows["label"].astype(bool).tolist()
+
+
+def test_split_json_round_trips_and_a_different_split_is_refused(tmp_path):
+    circumferences = {case: [None, 12.5, None, None, 20.0, None] for case in IDS}
+    split = make_split(IDS, circumferences, seed=1)
+    save_split(split, str(tmp_path))
+    written = json.loads((tmp_path / SPLIT_FILE).read_text())
+    assert written["sweeps"][IDS[0]] == [2, 5]  # 1-based in the file
+    assert written["fractions"] == [0.7, 0.1, 0.2]
+    assert load_split(str(tmp_path)) == split
+    save_split(split, str(tmp_path))  # the same split again: fine (a rerun)
+    with pytest.raises(FetaliqaError, match="different split"):
+        save_split(make_split(IDS, circumferences, seed=2), str(tmp_path))
