@@ -7,13 +7,12 @@ checkpoint; `evaluate` turns validation and test scores into the contents of `<o
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ray.data import ActorPoolStrategy, Dataset
 from ray.train import Checkpoint
 
+from fetaliqa.inference import FrameModel
 from fetaliqa.metrics import area_threshold_sweep, best_f1_threshold, dice, frame_metrics
-from fetaliqa.models import DEFAULT_THRESHOLD, load_checkpoint
-from fetaliqa.preprocess import normalize_frames
+from fetaliqa.models import DEFAULT_THRESHOLD
 from fetaliqa.storage import StorageOptions
 
 SCORE_BATCH = 64  # frames per forward pass
@@ -29,23 +28,14 @@ class FrameScorer:
     """
 
     def __init__(self, checkpoint: Checkpoint, storage_options: StorageOptions = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with checkpoint.as_directory() as folder:  # storage_options: for the base weights it may name
-            self.model, meta = load_checkpoint(folder, storage_options=storage_options, device=self.device)
-        # As the scorer does: fold the adapters in once, so these scores are the ones `fetaliqa score` gives.
-        self.model.merge_adapters()
-        self.mean, self.std = meta["preprocess"]["mean"], meta["preprocess"]["std"]
+            self.model = FrameModel(folder, storage_options)  # the forward pass `fetaliqa score` runs
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device)  # Ray's are read-only
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            output = self.model(normalize_frames(images, self.mean, self.std))
-        out = {key: batch[key] for key in ("case_id", "frame", "label")}
-        out["score"] = self.model.frame_scores(output).float().cpu().numpy()
-        if self.model.task == "seg":
-            predicted = (output.float().squeeze(1) > 0).cpu().numpy()  # logit > 0  <=>  p > 0.5
-            out["dice"] = np.array([dice(p, t) for p, t in zip(predicted, batch["mask"])])
+        scores, masks = self.model(batch["image"])
+        out = {key: batch[key] for key in ("case_id", "frame", "label")} | {"score": scores}
+        if masks is not None:
+            out["dice"] = np.array([dice(p, t) for p, t in zip(masks, batch["mask"])])
         return out
 
 

@@ -1,0 +1,53 @@
+"""The README's commands stay true: each parses with the real job's parser, and the quick ones run.
+
+The long ones (train, score, evaluate on real archives) are what `make demo` runs end to end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+
+import pytest
+from conftest import REPO, run_cli
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `fetaliqa ...` / `python -m jobs....` command in the README's bash blocks, as argv."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            words = shlex.split(line)
+            if "--" in words:  # `ray job submit ... -- python -m jobs.score ...`
+                words = words[words.index("--") + 1:]
+            if words[:1] == ["fetaliqa"] and len(words) > 1:
+                commands.append(["jobs." + words[1], *words[2:]])
+            elif words[:2] == ["python", "-m"] and len(words) > 2 and words[2].startswith("jobs."):
+                commands.append(words[2:])
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_shows_every_command():
+    assert {c[0] for c in COMMANDS} >= {"jobs.synth", "jobs.info", "jobs.train", "jobs.score", "jobs.evaluate"}
+    assert "make demo" in README and "make test" in README
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda c: " ".join(c)[:60])
+def test_each_readme_command_parses_with_the_real_parser(argv):
+    module = importlib.import_module(argv[0])
+    module.build_parser().parse_args(argv[1:])  # SystemExit on an unknown flag or a bad value
+
+
+def test_the_quick_readme_commands_run(tmp_path):
+    for argv in (c for c in COMMANDS if c[0] in {"jobs.synth", "jobs.info"}):
+        result = run_cli(*argv, cwd=tmp_path, timeout=180)
+        assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr[-2000:]}"
+    assert (tmp_path / "out" / "small" / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv").exists()
