@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -34,7 +35,9 @@ def build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
 
 
 def demo(args: argparse.Namespace) -> int:
-    archive, model, scores, report = (join(args.output, p) for p in ("archive", "model", "scores", "report"))
+    # Absolute, so that the test-case list names files that resolve from wherever it is read.
+    root = args.output if "://" in args.output else os.path.abspath(args.output)
+    archive, model, scores, report = (join(root, p) for p in ("archive", "model", "scores", "report"))
     steps = [
         (synth_job, [archive, "--cases", str(args.cases), "--frames-per-sweep", "20", "--height", "140",
                      "--width", "186", "--seed", "0"]),
@@ -44,7 +47,7 @@ def demo(args: argparse.Namespace) -> int:
     for job, argv in steps:
         if job.main(argv) != 0:
             return 2
-    test_list = write_test_list(archive, model, join(args.output, "test_cases.txt"))
+    test_list = write_test_list(archive, model, join(root, "test_cases.txt"))
     started = time.perf_counter()
     if score_job.main(["--input", test_list, "--checkpoint", join(model, "checkpoint"), "--output", scores]) != 0:
         return 2
