@@ -96,6 +96,17 @@ def seg_checkpoint(tmp_path_factory) -> str:
     return _checkpoint(tmp_path_factory, "seg")
 
 
+def damage_state_dict(state: dict, key: str, damage: str) -> dict:
+    """`state` with `key` removed, renamed (an 's' appended) or reshaped (one row short), in place."""
+    if damage == "remove":
+        del state[key]
+    elif damage == "rename":
+        state[key + "s"] = state.pop(key)
+    else:
+        state[key] = state[key][:-1]
+    return state
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run `python -m <args>` in a fresh process (from the repository root by default), as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -13,6 +13,7 @@ import timm
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+from conftest import damage_state_dict
 
 from fetaliqa.errors import WeightsError
 from fetaliqa.models import (
@@ -204,14 +205,8 @@ def test_weights_that_do_not_fit_name_the_key(tmp_path, damage):
     torch.manual_seed(0)
     state = timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict()
     key = "blocks.0.attn.qkv.weight"
-    if damage == "rename":
-        state["blocks.0.attn.qkv.weights"] = state.pop(key)
-    elif damage == "remove":
-        del state[key]
-    else:
-        state[key] = state[key][:-1]
     path = tmp_path / "bad.pt"
-    torch.save(state, path)
+    torch.save(damage_state_dict(state, key, damage), path)
     with pytest.raises(WeightsError) as err:
         build_model(VIT, weights=str(path))
     message = str(err.value)

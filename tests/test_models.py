@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from conftest import damage_state_dict
 
 from fetaliqa.errors import WeightsError
 from fetaliqa.models import (
@@ -320,14 +321,8 @@ def test_weights_wrapped_or_legacy_format(tmp_path, clip_state):
 ])
 def test_weights_that_do_not_fit_name_the_key_and_file(tmp_path, clip_state, damage, named):
     key = named
-    if damage == "remove":
-        del clip_state[key]
-    elif damage == "rename":
-        clip_state["visual.ln_post.weights"] = clip_state.pop(key)
-    else:
-        clip_state[key] = clip_state[key][:-1]
     path = tmp_path / "bad.pt"
-    torch.save(clip_state, path)
+    torch.save(damage_state_dict(clip_state, key, damage), path)
     with pytest.raises(WeightsError) as err:
         build_model(TINY, weights=str(path))
     message = str(err.value)
