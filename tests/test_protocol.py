@@ -92,3 +92,12 @@ def test_split_json_round_trips_and_a_different_split_is_refused(tmp_path):
     save_split(split, str(tmp_path))  # the same split again: fine (a rerun)
     with pytest.raises(FetaliqaError, match="different split"):
         save_split(make_split(IDS, circumferences, seed=2), str(tmp_path))
+
+
+def test_a_split_with_an_empty_part_is_refused_before_any_work(archive):
+    from fetaliqa.training.data import frame_datasets
+
+    cases = list_cases(archive)[:3]  # 3 cases: round(0.3) = 0 validation cases
+    split = make_split([c.case_id for c in cases], read_circumferences(archive), seed=0)
+    with pytest.raises(FetaliqaError, match="val part"):
+        frame_datasets(cases, split, "cls")

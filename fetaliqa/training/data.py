@@ -15,7 +15,7 @@ from ray.data import Dataset, RandomSeedConfig
 
 from fetaliqa import layout
 from fetaliqa.archive import CaseRef, read_case
-from fetaliqa.errors import MissingMaskError
+from fetaliqa.errors import FetaliqaError, MissingMaskError
 from fetaliqa.preprocess import mask_to_model, resize_frames
 from fetaliqa.storage import StorageOptions
 from fetaliqa.training.augment import augment_batch
@@ -67,10 +67,14 @@ def frame_datasets(cases: list[CaseRef], split: Split, task: str,
 
     Materialising decodes each case once: a compressed stack is far slower to read than to train on.
     """
+    items = {part: case_items(cases, split, part) for part in PARTS}
+    empty = [part for part in PARTS if not items[part]]
+    if empty:  # checked before any work: a run needs frames in every part
+        raise FetaliqaError(f"no case with an AC sweep in the {' and '.join(empty)} part of the split of "
+                            f"{len(cases)} cases: too few annotated cases to train")
     datasets = {}
     for part in PARTS:
-        items = case_items(cases, split, part)
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ray.data.from_items(items[part], override_num_blocks=len(items[part]))
         ds = ds.map_batches(read_frames, batch_size=1, fn_kwargs={"with_masks": task == "seg",
                                                                     "storage_options": storage_options})
         datasets[part] = ds.materialize()
