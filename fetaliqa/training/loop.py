@@ -95,8 +95,8 @@ def run_epoch(model: torch.nn.Module, loss_fn, batches, preprocess, device: torc
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()  # DDP averages the gradients of equal-sized per-worker batches
             optimizer.step()
-        total += torch.stack([losses.detach().double().sum(), torch.tensor(float(len(losses)), device=device,
-                                                                           dtype=torch.float64)])
+        total[0] += losses.detach().double().sum()
+        total[1] += len(losses)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
