@@ -28,7 +28,8 @@ import torch
 
 from fetaliqa.archive import list_cases, read_image_stack
 from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
-from fetaliqa.preprocess import naive_preprocess_frame, normalize_frames, resize_frames
+from fetaliqa.models.normalize import normalize_frames
+from fetaliqa.preprocess import naive_preprocess_frame, resize_frames
 from fetaliqa.runtime import init_ray
 from fetaliqa.synth import write_synthetic_archive
 

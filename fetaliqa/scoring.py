@@ -4,18 +4,20 @@ The pipeline (see `jobs/score.py`) moves ONE ROW PER CASE:
 
     {"case_id", "source"} --read_case_row--> + images (T,224,224) uint8, native size, spacing
                           --Predictor------> + scores (T,) float32 [, masks (T,224,224) bool]
+                                             (`fetaliqa.inference`: the only step that needs torch)
                           --CaseWriter-----> Parquet files of the case; a one-line tally row
 
 A case is the unit of work because compressed .mha stacks decode only whole, and because a case whose
 files are written together can be skipped exactly on a rerun. 840 frames a case keep a GPU's batches
 full: the predictor runs them in micro-batches of `batch_size` frames.
 
-Every component is a plain callable that works on a dict without Ray.
+Every component is a plain callable that works on a dict without Ray. This module imports no torch,
+open_clip or peft: the read and write tasks' workers start in well under a second (with them, ~6 s
+each on one core, which on a small machine cost as much CPU as decoding a dozen cases).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import cv2
@@ -27,19 +29,21 @@ from fetaliqa.archive import read_image_stack
 from fetaliqa.ellipse import circumference_mm
 from fetaliqa.errors import InputError
 from fetaliqa.layout import SWEEPS_PER_CASE
-from fetaliqa.inference import FrameModel
 from fetaliqa.preprocess import IMAGE_SIZE, mask_to_native, resize_frames
 from fetaliqa.storage import StorageOptions
-
-# Fault injection for tests: when set to a path that does not exist yet, the predictor creates it and
-# kills its own process in the middle of a batch, once, so a test can see Ray replace the actor.
-KILL_ONCE_ENV = "FETALIQA_FAULT_KILL_PREDICTOR_ONCE"
 
 # What decoding one ACOUSLIC-size case holds at its peak: the compressed file (~200 MB), the decoded
 # stack (351 MB) and the resized frames (42 MB); Ray Data measured 1.1 GiB. Declaring it lets Ray bound
 # concurrent reads by RAM, and keeps the read step a task of its own instead of being fused into the
 # predictor actors, which would serialise every decode behind the model.
 READ_TASK_MEMORY = 3 << 29  # 1.5 GiB
+
+# Writing a case is light (Parquet of a few kB; for SEG, PNGs of the positive frames' masks), and Ray Data
+# reserves a share of the cluster's CPUs for every operator by what its tasks declare: at the default of
+# one CPU each, the writers' reservation kept a second read task from starting on a 4-CPU node. Capped
+# at two writers per predictor actor, they keep up with a GPU's 1-2 cases/s.
+WRITE_TASK_CPUS = 0.25
+WRITERS_PER_ACTOR = 2
 
 def read_case_row(row: dict, storage_options: StorageOptions = None, image_size: int = IMAGE_SIZE) -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
@@ -61,52 +65,6 @@ def read_case_row(row: dict, storage_options: StorageOptions = None, image_size:
     _, height, width = stack.frames.shape
     return out | {"images": resize_frames(stack.frames, image_size), "height": height, "width": width,
                   "spacing_row": stack.spacing_mm[0], "spacing_col": stack.spacing_mm[1]}
-
-
-class Predictor:
-    """Holds the model (one per Ray actor) and scores the frames of each case in a batch.
-
-    Input batch: the columns of `read_case_row`, one entry per case. Output: the same minus `images`,
-    plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, S, S) bool (p > 0.5).
-    """
-
-    def __init__(self, checkpoint: str, batch_size: int = 32, storage_options: StorageOptions = None):
-        self.model = FrameModel(checkpoint, storage_options)
-        self.task = self.model.task
-        self.batch_size = batch_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        scored = [self._score_case(np.asarray(images)) for images in batch["images"]]
-        out = {key: value for key, value in batch.items() if key != "images"}
-        out["scores"] = _ragged([scores for scores, _ in scored])
-        if self.task == "seg":
-            out["masks"] = _ragged([masks for _, masks in scored])
-        return out
-
-    def _score_case(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """images (T, S, S) uint8 -> scores (T,) float32 and, for SEG, masks (T, S, S) bool."""
-        scores, masks = [np.zeros(0, np.float32)], [np.zeros((0, *images.shape[1:]), bool)]
-        for start in range(0, len(images), self.batch_size):
-            _maybe_die_once()
-            chunk_scores, chunk_masks = self.model(images[start:start + self.batch_size])
-            scores.append(chunk_scores)
-            if chunk_masks is not None:
-                masks.append(chunk_masks)
-        return np.concatenate(scores).astype(np.float32), (np.concatenate(masks) if self.task == "seg" else None)
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """An object array of per-case arrays, so cases with different T share one column."""
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
-
-
-def _maybe_die_once() -> None:
-    marker = os.environ.get(KILL_ONCE_ENV)
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from fetaliqa.archive import list_cases
 from fetaliqa.models import load_checkpoint
 from fetaliqa.runner import run_recipe, storage_options_arg
 from fetaliqa.runtime import init_ray
-from fetaliqa.scoring import READ_TASK_MEMORY, CaseWriter, Predictor, read_case_row
+from fetaliqa.inference import Predictor
+from fetaliqa.scoring import READ_TASK_MEMORY, WRITE_TASK_CPUS, WRITERS_PER_ACTOR, CaseWriter, read_case_row
 
 
 def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
@@ -51,7 +52,8 @@ def score(args: argparse.Namespace) -> int:
                                                           "storage_options": so},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
                         num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
-    ds = ds.map(CaseWriter(args.output, meta["threshold"], meta["checkpoint_id"], so))
+    ds = ds.map(CaseWriter(args.output, meta["threshold"], meta["checkpoint_id"], so),
+                num_cpus=WRITE_TASK_CPUS, concurrency=WRITERS_PER_ACTOR * args.actors)
 
     tally = [row for row in ds.iter_rows()] if cases else []
     seconds = time.perf_counter() - started

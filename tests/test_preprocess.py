@@ -12,6 +12,7 @@ from open_clip.transform import image_transform
 from PIL import Image
 
 from fetaliqa import preprocess as P
+from fetaliqa.models.normalize import normalize_frames, preprocess_frames
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -66,7 +67,7 @@ SHAPES = [(562, 744), (141, 187), (200, 120), (563, 744), (224, 224), (90, 100)]
 @pytest.mark.parametrize("shape", SHAPES)
 def test_parity_with_open_clip_eval_transform(shape, open_clip_eval):
     frames = speckle_frames(3, *shape, seed=sum(shape))
-    ours = P.preprocess_frames(frames)
+    ours = preprocess_frames(frames)
     reference = open_clip_reference(frames, open_clip_eval)
     diff = (ours - reference).abs()
     assert diff.max().item() <= MAX_NORM, diff.max().item()
@@ -86,22 +87,22 @@ def test_naive_reference_is_open_clip_transform(open_clip_eval):
     frames = speckle_frames(2, 141, 187)
     naive = np.stack([P.naive_preprocess_frame(f) for f in frames])
     expected = open_clip_reference(frames, open_clip_eval)
-    torch.testing.assert_close(P.normalize_frames(torch.from_numpy(naive)), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(normalize_frames(torch.from_numpy(naive)), expected, rtol=0, atol=1e-6)
 
 
 def test_shapes_and_dtypes():
     frames = speckle_frames(5, 141, 187)
     resized = P.resize_frames(frames)
     assert resized.shape == (5, 224, 224) and resized.dtype == np.uint8
-    model_input = P.normalize_frames(torch.from_numpy(resized))
+    model_input = normalize_frames(torch.from_numpy(resized))
     assert model_input.shape == (5, 3, 224, 224) and model_input.dtype == torch.float32
-    assert P.preprocess_frames(frames, size=64).shape == (5, 3, 64, 64)
+    assert preprocess_frames(frames, size=64).shape == (5, 3, 64, 64)
     assert P.resize_frames(frames[:0]).shape == (0, 224, 224)
     assert P.naive_preprocess_frame(frames[0]).shape == (224, 224)
 
 
 def test_three_identical_gray_channels():
-    x = P.preprocess_frames(speckle_frames(2, 200, 120))
+    x = preprocess_frames(speckle_frames(2, 200, 120))
     gray = x * STD + MEAN  # undo the per-channel normalisation
     torch.testing.assert_close(gray[:, 0], gray[:, 1], rtol=0, atol=1e-6)
     torch.testing.assert_close(gray[:, 0], gray[:, 2], rtol=0, atol=1e-6)
@@ -111,7 +112,7 @@ def test_three_identical_gray_channels():
 @pytest.mark.parametrize("value", [0, 1, 128, 255])
 def test_constant_frame_maps_to_normalised_value_and_padding_to_zero(shape, value):
     h, w = shape
-    x = P.preprocess_frames(np.full((1, h, w), value, np.uint8))[0]
+    x = preprocess_frames(np.full((1, h, w), value, np.uint8))[0]
     side, top, left = P.square_padding(h, w)
     scale = 224 / side
     margin = 3  # output pixels next to the image edge mix image and padding (bicubic support)
@@ -133,21 +134,21 @@ def test_read_only_input_and_validation():
         warnings.simplefilter("error")
         resized = P.resize_frames(frames)
         resized.setflags(write=False)
-        P.normalize_frames(resized)
+        normalize_frames(resized)
     with pytest.raises(ValueError):
         P.resize_frames(frames.astype(np.float32))
     with pytest.raises(ValueError):
         P.resize_frames(frames[0])
     with pytest.raises(ValueError):
-        P.normalize_frames(torch.zeros((2, 3, 8, 8), dtype=torch.uint8))
+        normalize_frames(torch.zeros((2, 3, 8, 8), dtype=torch.uint8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_normalize_stays_on_the_device():
     images = torch.from_numpy(P.resize_frames(speckle_frames(2, 141, 187)))
-    on_gpu = P.normalize_frames(images.cuda())
+    on_gpu = normalize_frames(images.cuda())
     assert on_gpu.device.type == "cuda"
-    torch.testing.assert_close(on_gpu.cpu(), P.normalize_frames(images), rtol=0, atol=1e-6)
+    torch.testing.assert_close(on_gpu.cpu(), normalize_frames(images), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- masks

@@ -17,8 +17,9 @@ from conftest import REPO, run_cli
 
 from fetaliqa import outputs
 from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.inference import KILL_ONCE_ENV, Predictor
 from fetaliqa.models import load_checkpoint
-from fetaliqa.scoring import KILL_ONCE_ENV, Predictor, read_case_row
+from fetaliqa.scoring import read_case_row
 
 from jobs import score as score_job
 
@@ -218,3 +219,12 @@ def test_a_killed_predictor_actor_is_replaced_and_the_output_is_complete(small_a
     assert marker.exists(), "the fault was never injected"
     assert len(keyed_scores(str(out))) == sum(frames_of(small_archive).values())
     assert outputs.read_dataset(str(out), outputs.ERRORS).num_rows == 0
+
+
+def test_read_and_write_tasks_do_not_import_the_model_stack():
+    """Every read and write task's worker imports `fetaliqa.scoring`; torch, open_clip and peft would add
+    ~6 s of CPU per worker, which on a small machine costs as much as decoding a dozen cases."""
+    code = ("import sys, fetaliqa.scoring; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'peft', 'timm') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip() == "[]"

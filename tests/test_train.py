@@ -15,7 +15,7 @@ from fetaliqa import outputs as score_outputs
 from fetaliqa.archive import list_cases, read_circumferences
 from fetaliqa.metrics import best_f1_threshold
 from fetaliqa.models import LoraSpec, build_model, load_checkpoint
-from fetaliqa.preprocess import normalize_frames
+from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.training.data import case_items, read_frames
 from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, cls_loss, run_epoch, train_loop_per_worker
 from fetaliqa.training.protocol import load_split

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from fetaliqa.models import DEFAULT_THRESHOLD, build_model, checkpoint_tensors, save_checkpoint
 from fetaliqa.models.checkpoint import WEIGHTS_FILE
-from fetaliqa.preprocess import normalize_frames
+from fetaliqa.models.normalize import normalize_frames
 
 TRAIN_STATE_FILE = "train_state.pt"
 # Fault injection for tests: a marker path. When set and the file is absent, the last rank creates it and
