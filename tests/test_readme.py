@@ -6,6 +6,7 @@ The long ones (train, score, evaluate on real archives) are what `make demo` run
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import shlex
 
@@ -51,3 +52,15 @@ def test_the_quick_readme_commands_run(tmp_path):
         result = run_cli(*argv, cwd=tmp_path, timeout=180)
         assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr[-2000:]}"
     assert (tmp_path / "out" / "small" / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv").exists()
+
+
+def test_the_readme_benchmark_commands_parse():
+    """Benchmarks are timed, not tested; their README command lines must still be valid."""
+    lines = [line.split("#", 1)[0].split() for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+             for line in block.splitlines() if line.startswith(".venv/bin/python benchmarks/")]
+    assert lines
+    for words in lines:
+        spec = importlib.util.spec_from_file_location("benchmark", REPO / words[1])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build_parser().parse_args(words[2:])
