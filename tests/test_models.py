@@ -257,6 +257,18 @@ def test_seg_loss_trains_lora_and_decoder():
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("head."))
 
 
+def test_full_fine_tuning_seg_trains_only_what_gets_gradient():
+    """SEG reads block tokens, never the pooled output: its LayerNorm and projection stay frozen, since DDP
+    fails on a trainable parameter without a gradient. Everything else trains."""
+    model, _ = build_model(TINY, "seg", trainable="full")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"encoder.proj", "encoder.ln_post.weight", "encoder.ln_post.bias"}
+    model.train()
+    model(images()).sum().backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+
+
 def test_unknown_model_and_task():
     with pytest.raises(ValueError, match="fetalclip-tiny"):
         build_model("fetalclip-huge")

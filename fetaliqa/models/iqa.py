@@ -177,6 +177,14 @@ def build_model(
             (load_timm_weights if timm_model else load_tower_weights)(encoder, weights, storage_options)
         mode = _resolve_trainable(encoder, trainable, lora)
         encoder.requires_grad_(mode == "full")
+        if task == "seg" and isinstance(encoder, VisionTransformer):
+            # SEG reads block tokens only: the pooled output's LayerNorm and projection get no gradient, and
+            # DDP fails on trainable parameters that get none. Frozen, they keep their (seeded) init.
+            for module in (encoder.ln_post, getattr(encoder, "attn_pool", None)):
+                if module is not None:
+                    module.requires_grad_(False)
+            if encoder.proj is not None:
+                encoder.proj.requires_grad_(False)
         if mode != "lora":
             lora = None
         elif timm_model:
