@@ -30,7 +30,7 @@ def build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/demo", help="folder for the archive, model, scores and report")
     parser.add_argument("--cases", type=int, default=60, help="synthetic cases (70/10/20 train/val/test)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--task", choices=("cls", "seg"), default="cls")
     return parser
 
