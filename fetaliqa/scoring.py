@@ -45,6 +45,7 @@ READ_TASK_MEMORY = 3 << 29  # 1.5 GiB
 WRITE_TASK_CPUS = 0.25
 WRITERS_PER_ACTOR = 2
 
+
 def read_case_row(row: dict, storage_options: StorageOptions = None, image_size: int = IMAGE_SIZE) -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
 
