@@ -180,11 +180,9 @@ def build_model(
         if task == "seg" and isinstance(encoder, VisionTransformer):
             # SEG reads block tokens only: the pooled output's LayerNorm and projection get no gradient, and
             # DDP fails on trainable parameters that get none. Frozen, they keep their (seeded) init.
-            for module in (encoder.ln_post, getattr(encoder, "attn_pool", None)):
-                if module is not None:
-                    module.requires_grad_(False)
-            if encoder.proj is not None:
-                encoder.proj.requires_grad_(False)
+            for unused in (encoder.ln_post, getattr(encoder, "attn_pool", None), encoder.proj):
+                if unused is not None:
+                    unused.requires_grad_(False)
         if mode != "lora":
             lora = None
         elif timm_model:
