@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,29 +60,49 @@ def describe_io_error(url: str, err: BaseException) -> InputError:
 def local_copy(url: str, storage_options: StorageOptions = None) -> Iterator[str]:
     """Yield a local file path holding the object at `url`.
 
-    SimpleITK reads only local files, so remote objects are streamed to a temporary file that is
-    removed on exit; local files are yielded as they are. Raises `MissingObjectError` or
+    SimpleITK reads only local files, so remote objects are downloaded to a temporary file that is
+    removed on exit, with one request (a GET; no HEAD first: at archive scale every request a case
+    costs counts); local files are yielded as they are. Raises `MissingObjectError` or
     `EmptyFileError` (naming `url`) before yielding.
     """
     fs, path = filesystem(url, storage_options)
-    try:
-        size = fs.size(path)
-    except Exception as err:  # noqa: BLE001 - every backend raises its own types
-        raise describe_io_error(url, err) from err
-    if size == 0:
-        raise EmptyFileError(url, "file is empty")
     if is_local(url):
+        try:
+            size = os.path.getsize(path)
+        except OSError as err:
+            raise describe_io_error(url, err) from err
+        if size == 0:
+            raise EmptyFileError(url, "file is empty")
         yield path
         return
     suffix = "".join(_suffixes(path))
     with tempfile.TemporaryDirectory(prefix="fetaliqa-") as tmp:
         local = os.path.join(tmp, "object" + suffix)
         try:
-            with fs.open(path, "rb") as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=16 << 20)
-        except Exception as err:  # noqa: BLE001
+            fs.get_file(path, local)
+        except Exception as err:  # noqa: BLE001 - every backend raises its own types
             raise describe_io_error(url, err) from err
+        if not os.path.exists(local) or os.path.getsize(local) == 0:
+            raise EmptyFileError(url, "file is empty")
         yield local
+
+
+def put_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: bool) -> None:
+    """Write `data` to `path` on `fs` so that readers never see a partial file.
+
+    On an object store one PUT, which publishes the object only when complete; no `makedirs` first (it
+    would cost a request, and s3fs may try to create the bucket). On a local filesystem (`local`) a hidden
+    temporary file renamed into place.
+    """
+    if not local:
+        fs.pipe_file(path, data)
+        return
+    parent, name = path.rsplit("/", 1)
+    os.makedirs(parent, exist_ok=True)
+    temporary = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
 
 
 def _suffixes(path: str) -> list[str]:
