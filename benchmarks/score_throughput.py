@@ -38,7 +38,7 @@ from fetaliqa.archive import list_cases, read_image_stack
 from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.preprocess import naive_preprocess_frame, resize_frames
-from fetaliqa.runtime import init_ray
+from jobs.common import init_ray
 from fetaliqa.synth import write_synthetic_archive
 
 from jobs import score as score_job

@@ -42,7 +42,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from fetaliqa import layout, metrics, outputs, storage
+from fetaliqa import layout, metrics, storage
+from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
 from fetaliqa.archive import list_cases, read_circumferences, read_mask_stack
 from fetaliqa.errors import InputError
 from fetaliqa.storage import StorageOptions
@@ -82,9 +83,9 @@ def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = N
     evaluated at all (the message counts the reasons).
     """
     so = storage_options
-    frames = outputs.read_dataset(scores_url, outputs.FRAMES, so)
-    cases = outputs.read_dataset(scores_url, outputs.CASES, so)
-    errors = outputs.read_dataset(scores_url, outputs.ERRORS, so)
+    frames = read_table(scores_url, FRAMES, so)
+    cases = read_table(scores_url, CASES, so)
+    errors = read_table(scores_url, ERRORS, so)
     archive = {c.case_id: c for c in list_cases(data_url, so)}
     try:
         circumferences, ac_note = read_circumferences(data_url, so), None

@@ -1,20 +1,30 @@
-"""What every recipe shares: argument parsing helpers and turning expected errors into one-line exits."""
+"""What every recipe shares: the `--storage-options` flag, starting or joining Ray, and turning expected
+errors into one-line exits."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
+
+import ray
 
 from fetaliqa.errors import FetaliqaError
 
 log = logging.getLogger("fetaliqa")
 
 
-def storage_options_arg(text: str) -> dict:
-    """`--storage-options` value: a JSON object passed to fsspec (e.g. {"endpoint_url": ...})."""
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """`--storage-options JSON`, the one definition every job uses."""
+    parser.add_argument("--storage-options", type=_storage_options, default=None,
+                        help='JSON object of fsspec options, e.g. {"endpoint_url": "http://127.0.0.1:9000"}; '
+                             "credentials come from the standard AWS/fsspec chain, never from here")
+
+
+def _storage_options(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -22,6 +32,22 @@ def storage_options_arg(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
+
+
+def init_ray(local_cpus: int | None = None) -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a fresh local Ray.
+
+    A local Ray gets at least 4 logical CPUs even on a 2-core machine: Ray Train workers and Ray Data's
+    read and map tasks each hold a CPU, and with too few logical CPUs the data pipeline waits forever
+    for a CPU a worker holds. Logical CPUs are scheduling slots, not cores, so oversubscribing is safe.
+    `address="local"` never joins a stale cluster left behind by an earlier run.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=local_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
 def run_recipe(recipe: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

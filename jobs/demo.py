@@ -14,9 +14,8 @@ import os
 import sys
 import time
 
-from fetaliqa import outputs
 from fetaliqa.archive import list_cases
-from fetaliqa.runner import run_recipe
+from fetaliqa.score.schema import CASES, read_table
 from fetaliqa.storage import filesystem, join
 from fetaliqa.training.protocol import load_split
 
@@ -24,6 +23,7 @@ from jobs import evaluate as evaluate_job
 from jobs import score as score_job
 from jobs import synth as synth_job
 from jobs import train as train_job
+from jobs.common import run_recipe
 
 
 def build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def write_test_list(archive: str, model: str, path: str) -> str:
 def print_headline(scores: str, report: str, seconds: float) -> None:
     fs, metrics_path = filesystem(join(report, "metrics.json"))
     frame = json.loads(fs.cat_file(metrics_path))["frame_metrics"]
-    cases = outputs.read_dataset(scores, outputs.CASES).sort_by("case_id").to_pylist()
+    cases = read_table(scores, CASES).sort_by("case_id").to_pylist()
     frames = sum(c["frames"] for c in cases)
     lines = ["", "fetaliqa demo", f"  frames scored      {frames} in {len(cases)} held-out cases "
              f"({frames / seconds:.0f} frames/s end to end, Ray start-up included)",

@@ -13,7 +13,7 @@ import sys
 import time
 
 from fetaliqa import report, storage
-from fetaliqa.runner import run_recipe, storage_options_arg
+from jobs.common import add_storage_options, run_recipe
 
 
 def build_parser(prog: str = "python -m jobs.evaluate") -> argparse.ArgumentParser:
@@ -23,8 +23,7 @@ def build_parser(prog: str = "python -m jobs.evaluate") -> argparse.ArgumentPars
     parser.add_argument("--output", default=None, help="report folder (default: <scores>/evaluation)")
     parser.add_argument("--max-case-plots", type=int, default=report.MAX_CASE_PLOTS,
                         help="draw score traces for the first N cases (sorted by id)")
-    parser.add_argument("--storage-options", type=storage_options_arg, default=None,
-                        help='JSON object for fsspec, e.g. {"endpoint_url": "http://127.0.0.1:9000"}')
+    add_storage_options(parser)
     return parser
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from fetaliqa.models import MODEL_NAMES, PAPER_BASELINES, TRAINABLE, is_known_model, model_info
-from fetaliqa.runner import run_recipe
+from jobs.common import run_recipe
 
 
 def model_name(value: str) -> str:

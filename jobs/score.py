@@ -1,67 +1,87 @@
 """Score every frame of a sweep archive on Ray and write Parquet: `python -m jobs.score --input ... --checkpoint ... --output ...`.
 
-read (CPU tasks: fsspec -> SimpleITK -> 224x224 frames) -> Predictor actors (model on GPU or CPU)
--> CaseWriter (threshold, masks to native size, Parquet per case) -> one summary line.
-Rerunning into the same --output skips the cases already complete.
+ReadCases (CPU tasks: fsspec -> SimpleITK -> 224x224 frames) -> ScoreFrames (actors holding the model, GPU
+or CPU) -> summarise_cases (CPU: masks to native size, PNGs, AC) -> WriteParts (Parquet parts of many cases,
+each committed by a record). Rerunning the same command after any failure finishes the archive: complete
+cases are skipped, nothing is scored twice (`fetaliqa.score.ledger`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
-from fetaliqa import outputs
-from fetaliqa.archive import list_cases
 from fetaliqa.models import load_checkpoint
-from fetaliqa.runner import run_recipe, storage_options_arg
-from fetaliqa.runtime import init_ray
-from fetaliqa.inference import Predictor
-from fetaliqa.scoring import READ_TASK_MEMORY, WRITE_TASK_CPUS, WRITERS_PER_ACTOR, CaseWriter, read_case_row
+from fetaliqa.score import ledger, record
+from fetaliqa.score.predict import ScoreFrames
+from fetaliqa.score.read import READ_TASK_MEMORY, CaseReader, list_archive
+from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, summarise_cases
+from jobs.common import add_storage_options, init_ray, run_recipe
+
+# A part holds up to 50 cases (42,000 frames of ACOUSLIC): an archive of N cases gets at most
+# max(10, N / 50) files per table, and a failure loses at most the parts being written.
+MAX_CASES_PER_FILE = 50
 
 
 def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="archive root, folder of stacked images, or .txt list of URIs")
+    parser.add_argument("--input", required=True,
+                        help="ACOUSLIC archive root, folder or prefix of stacked images, or a manifest of URIs (.txt, .csv, .parquet)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (local path or fsspec URL)")
     parser.add_argument("--output", required=True, help="output folder (local path or fsspec URL)")
     parser.add_argument("--actors", type=int, default=1, help="predictor actors (model replicas)")
     parser.add_argument("--batch-size", type=int, default=32, help="frames per forward pass")
     parser.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per predictor actor (0: CPU)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per predictor actor")
-    parser.add_argument("--storage-options", type=storage_options_arg, default=None,
-                        help='JSON object for fsspec, e.g. {"endpoint_url": "http://127.0.0.1:9000"}')
+    parser.add_argument("--cases-per-file", type=int, default=None,
+                        help=f"cases per Parquet part (default: N/10 for N cases, at most {MAX_CASES_PER_FILE})")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's output first and start afresh")
+    parser.add_argument("--progress-seconds", type=float, default=30.0, help="seconds between progress lines")
+    add_storage_options(parser)
     return parser
 
 
 def score(args: argparse.Namespace) -> int:
-    so = args.storage_options
+    so, started = args.storage_options, time.perf_counter()
     _, meta = load_checkpoint(args.checkpoint, storage_options=so)  # a bad checkpoint fails before any work
-    done = outputs.completed_case_ids(args.output, so)
-    cases = [c for c in list_cases(args.input, so) if c.case_id not in done]
+    run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
+    if args.overwrite:
+        ledger.reset(args.output, so)
+    resumed = ledger.resume(args.output, so)
+    listed = list_archive(args.input, so)
+    todo = listed.filter(pc.invert(pc.is_in(listed["case_id"], pa.array(sorted(resumed.scored), pa.string()))))
+    cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
+    record.write_record(args.output, run, so)
     init_ray()
-    started = time.perf_counter()
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()  # job logs get `ProgressLog` lines
 
-    ds = ray.data.from_items([{"case_id": c.case_id, "source": c.image_uri} for c in cases],
-                             override_num_blocks=max(1, len(cases)))
-    ds = ds.map(read_case_row, fn_kwargs={"storage_options": so, "image_size": meta["preprocess"]["image_size"]},
-                memory=READ_TASK_MEMORY)
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": args.checkpoint, "batch_size": args.batch_size,
-                                                          "storage_options": so},
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
-                        num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
-    ds = ds.map(CaseWriter(args.output, meta["threshold"], meta["checkpoint_id"], so),
-                num_cpus=WRITE_TASK_CPUS, concurrency=WRITERS_PER_ACTOR * args.actors)
+    image_size, stages = meta["preprocess"]["image_size"], ""
+    progress = record.Progress.remote()
+    writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
+    if todo.num_rows:
+        reader = CaseReader(todo, so, image_size)
+        ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY)
+        ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
+                                                                "batch_size": args.batch_size, "storage_options": so},
+                            batch_size=None, compute=ray.data.ActorPoolStrategy(size=args.actors),
+                            num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
+        ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
+                            batch_size=1, batch_format="numpy", num_cpus=WRITE_TASK_CPUS)
+        with record.ProgressLog(progress, todo.num_rows, args.progress_seconds):
+            ds.write_datasink(writer, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+        stages = ds.stats()
+        print(stages, flush=True)
 
-    tally = [row for row in ds.iter_rows()] if cases else []
-    seconds = time.perf_counter() - started
-    frames = sum(r["frames"] for r in tally)
-    print(f"fetaliqa score: {sum(not r['error'] for r in tally)} cases scored ({len(done)} already complete), "
-          f"{frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.1f} frames/s), "
-          f"{sum(r['positives'] for r in tally)} positive frames, {sum(bool(r['error']) for r in tally)} errors "
-          f"-> {args.output}", flush=True)
+    run = record.finish(run, listed.num_rows, resumed, writer.tallies, cases_per_file, stages,
+                        time.perf_counter() - started)
+    record.write_record(args.output, run, so)
+    print(record.summary_line(run), flush=True)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fetaliqa.runner import run_recipe, storage_options_arg
+from jobs.common import add_storage_options, run_recipe
 from fetaliqa.synth import write_synthetic_archive
 
 
@@ -17,8 +17,7 @@ def build_parser(prog: str = "python -m jobs.synth") -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=562)
     parser.add_argument("--width", type=int, default=744)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage-options", type=storage_options_arg, default=None,
-                        help="JSON object of fsspec storage options")
+    add_storage_options(parser)
     return parser
 
 

@@ -21,12 +21,11 @@ from ray.train.torch import TorchTrainer
 
 from fetaliqa.archive import list_cases, read_circumferences
 from fetaliqa.models import LoraSpec, build_model
-from fetaliqa.runner import run_recipe, storage_options_arg
-from fetaliqa.runtime import init_ray
 from fetaliqa.storage import join
 from fetaliqa.training import data, evaluate, outputs
 from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, train_loop_per_worker
 from fetaliqa.training.protocol import make_split, save_split
+from jobs.common import add_storage_options, init_ray, run_recipe
 
 
 def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
@@ -53,8 +52,7 @@ def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     mode.add_argument("--full-finetune", dest="finetune", action="store_const", const="full",
                       help="every parameter (the default for CNN baselines)")
     parser.set_defaults(finetune=None)
-    parser.add_argument("--storage-options", type=storage_options_arg, default=None,
-                        help='JSON object for fsspec, e.g. {"endpoint_url": "http://127.0.0.1:9000"}')
+    add_storage_options(parser)
     return parser
 
 

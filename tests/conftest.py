@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,16 +31,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """URL of a moto S3 server on 127.0.0.1, for the whole session."""
-    from moto.server import ThreadedMotoServer
+class S3Server:
+    """moto's S3 app served over HTTP on 127.0.0.1 (as `moto.server.ThreadedMotoServer` serves it), counting
+    every request it answers: `requests` holds (method, path, query) tuples."""
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
+    def __init__(self):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.requests: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+
+        def counting(environ, start_response):
+            with self._lock:
+                self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                      environ.get("QUERY_STRING", "")))
+            return app(environ, start_response)
+
+        self._server = make_server("127.0.0.1", free_port(), counting, threaded=True, request_handler=MotoRequestHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """A real S3 endpoint (moto) on 127.0.0.1 for the whole session."""
+    server = S3Server()
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server) -> str:
+    """URL of the loopback S3 endpoint."""
+    return s3_server.url
 
 
 @pytest.fixture
@@ -57,10 +88,10 @@ def s3_bucket(s3_endpoint, request):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A fresh local Ray for in-process pipeline tests (4 logical CPUs on 2 cores; see fetaliqa.runtime)."""
+    """A fresh local Ray for in-process pipeline tests (4 logical CPUs on 2 cores; see jobs.common)."""
     import ray
 
-    from fetaliqa.runtime import init_ray
+    from jobs.common import init_ray
 
     init_ray(local_cpus=4)
     yield ray

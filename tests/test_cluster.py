@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, free_port
 
-from fetaliqa import outputs
 from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.score.schema import FRAMES, read_table
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -117,7 +117,7 @@ def test_ray_job_submit_scores_an_archive_on_a_two_node_cluster(cluster, small_a
     assert "4 cases scored" in submit.stdout
 
     expected = sum(read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(small_archive)))
-    assert outputs.read_dataset(str(out), outputs.FRAMES).num_rows == expected
+    assert read_table(str(out), FRAMES).num_rows == expected
 
     # The uploaded working dir honours .gitignore: no virtualenv, a small package.
     packages = list((cluster["temp_dir"]).glob("session_*/runtime_resources/working_dir_files/*"))

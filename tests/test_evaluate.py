@@ -13,9 +13,10 @@ import pyarrow as pa
 import pytest
 import SimpleITK as sitk
 
-from fetaliqa import layout, outputs
+from fetaliqa import layout
 from fetaliqa.archive import list_cases, read_image_stack
 from fetaliqa.report import evaluate
+from fetaliqa.score import ledger, schema
 
 from jobs import evaluate as evaluate_job
 from jobs import score as score_job
@@ -61,7 +62,8 @@ def write_archive(root: Path) -> None:
 
 
 def write_run(out: str, root: Path, seg: bool = True) -> None:
-    """frames/ and cases/ of alpha, beta and epsilon; errors/ of gamma."""
+    """One committed part: frames/ and cases/ of alpha, beta and epsilon; errors/ of gamma."""
+    frames, cases = [], []
     for case_id, ac in (("alpha", 180.0), ("beta", 240.0), ("epsilon", None)):
         score = np.full(T, 0.1, np.float32)
         for frame, value in SCORES.get(case_id, {}).items():
@@ -70,20 +72,21 @@ def write_run(out: str, root: Path, seg: bool = True) -> None:
         png = [cv2.imencode(".png", PRED_MASKS[(case_id, f)] * 255)[1].tobytes() if seg and positive[f] else None
                for f in range(T)]
         area = [int((PRED_MASKS.get((case_id, f), np.zeros(1)) > 0).sum()) if seg else None for f in range(T)]
-        frames = pa.table({"case_id": [case_id] * T, "sweep": np.arange(T, dtype=np.int8) // 2 + 1,
-                           "frame": np.arange(T, dtype=np.int32), "score": score, "positive": positive,
-                           "mask_area": pa.array(area, pa.int32()), "mask_png": pa.array(png, pa.binary()),
-                           "model": ["hand-made"] * T}, schema=outputs.FRAMES_SCHEMA)
-        outputs.write_table(frames, outputs.case_file(out, outputs.FRAMES, case_id))
+        frames.append(pa.table({"case_id": [case_id] * T, "sweep": np.arange(T, dtype=np.int8) // 2 + 1,
+                                "frame": np.arange(T, dtype=np.int32), "score": score, "positive": positive,
+                                "mask_area": pa.array(area, pa.int32()), "mask_png": pa.array(png, pa.binary()),
+                                "model": ["hand-made"] * T, "run_id": ["hand"] * T}, schema=schema.FRAMES_SCHEMA))
         best = int(np.argmax(score))
-        case = pa.table({"case_id": [case_id], "frames": [T], "positives": [int(positive.sum())], "best_frame": [best],
-                         "best_sweep": [best // 2 + 1], "best_score": [float(score[best])],
-                         "ac_mm": pa.array([ac if seg else None], pa.float32()),
-                         "source": [str(root / layout.IMAGES_DIR / f"{case_id}.mha")]}, schema=outputs.CASES_SCHEMA)
-        outputs.write_table(case, outputs.case_file(out, outputs.CASES, case_id))
-    error = pa.table({"source": [str(root / layout.IMAGES_DIR / "gamma.mha")], "error": ["truncated"],
-                      "message": ["gamma.mha: truncated or corrupt image data"]}, schema=outputs.ERRORS_SCHEMA)
-    outputs.write_table(error, outputs.case_file(out, outputs.ERRORS, "gamma"))
+        cases.append(pa.table({"case_id": [case_id], "frames": [T], "positives": [int(positive.sum())],
+                               "best_frame": [best], "best_sweep": [best // 2 + 1], "best_score": [float(score[best])],
+                               "ac_mm": pa.array([ac if seg else None], pa.float32()),
+                               "source": [str(root / layout.IMAGES_DIR / f"{case_id}.mha")], "run_id": ["hand"]},
+                              schema=schema.CASES_SCHEMA))
+    error = pa.table({"case_id": ["gamma"], "source": [str(root / layout.IMAGES_DIR / "gamma.mha")],
+                      "error": ["truncated"], "message": ["gamma.mha: truncated or corrupt image data"],
+                      "run_id": ["hand"]}, schema=schema.ERRORS_SCHEMA)
+    tables = {schema.FRAMES: pa.concat_tables(frames), schema.CASES: pa.concat_tables(cases), schema.ERRORS: error}
+    ledger.write_part(out, "hand-000000", tables, ["alpha", "beta", "epsilon"], ["gamma"])
 
 
 @pytest.fixture(scope="module")

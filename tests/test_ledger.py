@@ -1,44 +1,101 @@
-"""Per-case Parquet files: atomic writes, completion markers, whole-dataset reads."""
+"""The commit protocol of scoring outputs: parts, commit records, resume after a crash, the run's identity."""
+
+from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 import pytest
 
-from fetaliqa import outputs
+from fetaliqa.errors import FetaliqaError
+from fetaliqa.score import ledger, record
+from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, read_table
 
 
-def errors_row(source: str) -> pa.Table:
-    return pa.table({"source": [source], "error": ["missing"], "message": [f"{source}: gone"]},
-                    schema=outputs.ERRORS_SCHEMA)
+def part_tables(scored: list[str], failed: list[str], frames_per_case: int = 3) -> dict[str, pa.Table]:
+    n = frames_per_case
+    frames = pa.table({"case_id": [c for c in scored for _ in range(n)], "sweep": [1] * n * len(scored),
+                       "frame": [f for _ in scored for f in range(n)], "score": [0.5] * n * len(scored),
+                       "positive": [True] * n * len(scored), "mask_area": [None] * n * len(scored),
+                       "mask_png": [None] * n * len(scored), "model": ["m"] * n * len(scored),
+                       "run_id": ["r"] * n * len(scored)}, schema=FRAMES_SCHEMA)
+    cases = pa.table({"case_id": scored, "frames": [n] * len(scored), "positives": [n] * len(scored),
+                      "best_frame": [0] * len(scored), "best_sweep": [1] * len(scored),
+                      "best_score": [0.5] * len(scored), "ac_mm": [None] * len(scored),
+                      "source": [f"{c}.mha" for c in scored], "run_id": ["r"] * len(scored)}, schema=CASES_SCHEMA)
+    errors = pa.table({"case_id": failed, "source": [f"{c}.mha" for c in failed], "error": ["truncated"] * len(failed),
+                       "message": [f"{c}.mha: cut" for c in failed], "run_id": ["r"] * len(failed)},
+                      schema=ERRORS_SCHEMA)
+    return {FRAMES: frames, CASES: cases, ERRORS: errors}
 
 
-@pytest.mark.parametrize("scheme", ["local", "memory"])
-def test_write_then_read_back_whole_dataset(tmp_path, scheme):
-    out = str(tmp_path / "out") if scheme == "local" else "memory://fetaliqa-outputs-test"
-    for case in ("a", "b"):
-        outputs.write_table(errors_row(case), outputs.case_file(out, outputs.ERRORS, case))
-    table = outputs.read_dataset(out, outputs.ERRORS)
-    assert sorted(table["source"].to_pylist()) == ["a", "b"]
-    assert outputs.read_dataset(out, outputs.FRAMES).num_rows == 0  # absent -> empty, with the schema
-    assert outputs.read_dataset(out, outputs.FRAMES).schema.equals(outputs.FRAMES_SCHEMA)
+def test_only_committed_parts_are_read_and_an_absent_table_is_empty(tmp_path):
+    out = str(tmp_path / "out")
+    assert read_table(out, FRAMES).num_rows == 0 and read_table(out, FRAMES).schema.equals(FRAMES_SCHEMA)
+    ledger.write_part(out, "r-000000", part_tables(["a", "b"], ["c"]), ["a", "b"], ["c"])
+    # A writer that died after its data files and before its record: its rows do not exist.
+    (tmp_path / "out" / "frames" / "r-000001.parquet").write_bytes(b"not yet committed")
+    assert read_table(out, FRAMES)["case_id"].to_pylist() == ["a"] * 3 + ["b"] * 3
+    assert read_table(out, CASES)["case_id"].to_pylist() == ["a", "b"]
+    assert read_table(out, ERRORS)["case_id"].to_pylist() == ["c"]
+    assert not list((tmp_path / "out").rglob(".*.tmp")), "a temporary file was left behind"
 
 
-def test_local_writes_leave_no_temporary_files_and_rewrites_replace(tmp_path):
-    out = str(tmp_path)
-    target = outputs.case_file(out, outputs.ERRORS, "a")
-    outputs.write_table(errors_row("first"), target)
-    outputs.write_table(errors_row("second"), target)
-    assert [p.name for p in (tmp_path / "errors").iterdir()] == ["a.parquet"]
-    assert outputs.read_dataset(out, outputs.ERRORS)["source"].to_pylist() == ["second"]
+def test_resume_deletes_uncommitted_files_and_releases_failed_cases(tmp_path):
+    out = str(tmp_path / "out")
+    ledger.write_part(out, "r-000000", part_tables(["a"], ["b"]), ["a"], ["b"])
+    ledger.write_part(out, "r-000001", part_tables([], ["c"]), [], ["c"])
+    orphan = tmp_path / "out" / "cases" / "r-000002.parquet"
+    orphan.write_bytes(b"half a part")
+
+    state = ledger.resume(out)
+
+    assert state.scored == {"a"} and state.retried == 2 and state.removed_files == 3  # orphan + 2 errors files
+    assert not orphan.exists() and read_table(out, ERRORS).num_rows == 0
+    assert read_table(out, CASES)["case_id"].to_pylist() == ["a"]
+    records = ledger.load_records(out)
+    assert [(r["part"], r["scored"], r["failed"]) for r in records] == [("r-000000", ["a"], [])]
+    assert ledger.resume(out).scored == {"a"}  # idempotent
 
 
-def test_completed_cases_are_those_with_a_cases_file(tmp_path):
-    out = str(tmp_path)
-    assert outputs.completed_case_ids(out) == set()
-    case = pa.table({"case_id": ["x"], "frames": [6], "positives": [0], "best_frame": [0], "best_sweep": [1],
-                     "best_score": [0.1], "ac_mm": [None], "source": ["x.mha"]}, schema=outputs.CASES_SCHEMA)
-    outputs.write_table(case, outputs.case_file(out, outputs.CASES, "x"))
-    outputs.write_table(errors_row("y.mha"), outputs.case_file(out, outputs.ERRORS, "y"))
-    assert outputs.completed_case_ids(out) == {"x"}
-    outputs.remove_file(outputs.case_file(out, outputs.ERRORS, "y"))
-    outputs.remove_file(outputs.case_file(out, outputs.ERRORS, "y"))  # absent: no error
-    assert outputs.read_dataset(out, outputs.ERRORS).num_rows == 0
+def test_reset_removes_every_table_the_ledger_and_the_run_record(tmp_path):
+    out = str(tmp_path / "out")
+    ledger.write_part(out, "r-000000", part_tables(["a"], ["b"]), ["a"], ["b"])
+    record.write_record(out, {"run_id": "r"})
+    (tmp_path / "out" / "notes.txt").write_text("the user's own file")
+    ledger.reset(out)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_a_run_of_another_checkpoint_or_code_version_is_refused_naming_both(tmp_path):
+    out = str(tmp_path / "out")
+    meta = {"checkpoint_id": "aaaa", "model": "fetalclip-tiny", "task": "cls"}
+    run = record.begin("in", out, "ckpt", meta, overwrite=False)
+    record.write_record(out, run)
+    assert record.begin("in", out, "ckpt", meta, overwrite=False)["history"][0]["run_id"] == run["run_id"]
+    with pytest.raises(FetaliqaError) as refused:
+        record.begin("in", out, "other", {**meta, "checkpoint_id": "bbbb"}, overwrite=False)
+    assert "aaaa" in str(refused.value) and "bbbb" in str(refused.value) and "\n" not in str(refused.value)
+    run_of_old_code = {**run, "versions": {**run["versions"], "fetaliqa": "0.0.1"}}
+    record.write_record(out, run_of_old_code)
+    with pytest.raises(FetaliqaError, match="0.0.1"):
+        record.begin("in", out, "ckpt", meta, overwrite=False)
+    assert record.begin("in", out, "other", {**meta, "checkpoint_id": "bbbb"}, overwrite=True)["history"] == []
+
+
+def test_a_folder_with_parquet_files_but_no_run_record_is_not_taken_over(tmp_path):
+    """An output of the older one-file-per-case layout, or a folder of someone else's tables: resuming
+    into it would delete its files as uncommitted parts."""
+    (tmp_path / "out" / "cases").mkdir(parents=True)
+    (tmp_path / "out" / "cases" / "case-1.parquet").write_bytes(b"PAR1")
+    meta = {"checkpoint_id": "aaaa", "model": "fetalclip-tiny", "task": "cls"}
+    with pytest.raises(FetaliqaError, match="no run.json"):
+        record.begin("in", str(tmp_path / "out"), "ckpt", meta, overwrite=False)
+    assert (tmp_path / "out" / "cases" / "case-1.parquet").exists()
+    assert record.begin("in", str(tmp_path / "out"), "ckpt", meta, overwrite=True)["history"] == []
+
+
+def test_the_run_record_never_holds_credentials_in_urls():
+    assert record.public_url("s3://AKIDEXAMPLE:s3cr3t@bucket/archive") == "s3://bucket/archive"
+    assert record.public_url("/data/archive") == "/data/archive"
+    assert json.dumps(record.versions())  # plain strings

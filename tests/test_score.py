@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import signal
+import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -15,11 +14,11 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO, run_cli
 
-from fetaliqa import outputs
 from fetaliqa.archive import list_cases, read_image_stack
-from fetaliqa.inference import KILL_ONCE_ENV, Predictor
 from fetaliqa.models import load_checkpoint
-from fetaliqa.scoring import read_case_row
+from fetaliqa.score.predict import KILL_ONCE_ENV, ScoreFrames
+from fetaliqa.score.read import read_case_row
+from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA, read_table
 
 from jobs import score as score_job
 
@@ -33,7 +32,7 @@ def frames_of(archive: Path) -> dict[str, int]:
 
 
 def keyed_scores(output: str, storage_options=None) -> dict[tuple[str, int], float]:
-    table = outputs.read_dataset(output, outputs.FRAMES, storage_options)
+    table = read_table(output, FRAMES, storage_options)
     keys = list(zip(table["case_id"].to_pylist(), table["frame"].to_pylist()))
     assert len(keys) == len(set(keys)), "a (case_id, frame) row appears twice"
     return dict(zip(keys, table["score"].to_pylist()))
@@ -44,13 +43,13 @@ def test_cls_run_writes_the_documented_schema_and_every_frame(ray_local, small_a
     assert score("--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out,
                  "--batch-size", "16") == 0
 
-    frames = outputs.read_dataset(out, outputs.FRAMES)
-    cases = outputs.read_dataset(out, outputs.CASES)
-    assert frames.schema.equals(outputs.FRAMES_SCHEMA) and cases.schema.equals(outputs.CASES_SCHEMA)
+    frames = read_table(out, FRAMES)
+    cases = read_table(out, CASES)
+    assert frames.schema.equals(FRAMES_SCHEMA) and cases.schema.equals(CASES_SCHEMA)
     expected = frames_of(small_archive)
     assert frames.num_rows == sum(expected.values())
     assert sorted(cases["case_id"].to_pylist()) == sorted(expected)
-    assert outputs.read_dataset(out, outputs.ERRORS).num_rows == 0
+    assert read_table(out, ERRORS).num_rows == 0
 
     scores = frames["score"].to_numpy()
     assert np.all((scores >= 0) & (scores <= 1))
@@ -67,13 +66,13 @@ def test_scores_equal_the_predictor_applied_without_ray(ray_local, small_archive
     out = str(tmp_path / "out")
     assert score("--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out) == 0
     case = list_cases(str(small_archive))[0]
-    row = read_case_row({"case_id": case.case_id, "source": case.image_uri})
-    direct = Predictor(cls_checkpoint, batch_size=5)({key: np.array([value]) for key, value in row.items()})
+    row = read_case_row(case.case_id, case.image_uri)
+    direct = ScoreFrames(cls_checkpoint, batch_size=5)({key: np.array([value]) for key, value in row.items()})
     got = keyed_scores(out)
     np.testing.assert_allclose([got[(case.case_id, f)] for f in range(len(direct["scores"][0]))],
                                direct["scores"][0], rtol=0, atol=1e-5)
 
-    cases = outputs.read_dataset(out, outputs.CASES).to_pylist()
+    cases = read_table(out, CASES).to_pylist()
     mine = next(c for c in cases if c["case_id"] == case.case_id)
     assert mine["best_frame"] == int(np.argmax(direct["scores"][0]))
     assert mine["best_score"] == pytest.approx(float(np.max(direct["scores"][0])), abs=1e-6)
@@ -82,7 +81,7 @@ def test_scores_equal_the_predictor_applied_without_ray(ray_local, small_archive
 def test_seg_masks_come_back_at_native_resolution(ray_local, small_archive, seg_checkpoint, tmp_path):
     out = str(tmp_path / "out")
     assert score("--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", out) == 0
-    frames = outputs.read_dataset(out, outputs.FRAMES)
+    frames = read_table(out, FRAMES)
     assert frames.num_rows == sum(frames_of(small_archive).values())
     assert frames["mask_area"].null_count == 0
     positive = frames.filter(pc.field("positive"))
@@ -106,9 +105,9 @@ def test_object_storage_in_and_out(ray_local, small_archive, cls_checkpoint, s3_
                  "--output", f"{bucket}/scores", "--storage-options", storage_options) == 0
 
     s3_options = {"client_kwargs": options}
-    frames = outputs.read_dataset(f"{bucket}/scores", outputs.FRAMES, s3_options)
+    frames = read_table(f"{bucket}/scores", FRAMES, s3_options)
     assert frames.num_rows == sum(frames_of(small_archive).values())
-    assert outputs.read_dataset(f"{bucket}/scores", outputs.CASES, s3_options).num_rows == 4
+    assert read_table(f"{bucket}/scores", CASES, s3_options).num_rows == 4
     printed = capsys.readouterr().out
     assert "4 cases scored" in printed and "fetaliqa-test-secret" not in printed and "fetaliqa-test-key" not in printed
 
@@ -144,13 +143,13 @@ def test_bad_inputs_are_recorded_and_every_good_case_is_scored(ray_local, small_
 
     assert score("--input", str(listing), "--checkpoint", cls_checkpoint, "--output", out) == 0
 
-    errors = outputs.read_dataset(out, outputs.ERRORS).to_pylist()
+    errors = read_table(out, ERRORS).to_pylist()
     assert {Path(e["source"]).name.split(".")[0]: e["error"] for e in errors} == expected
     for error in errors:
         assert "\n" not in error["message"] and Path(error["source"]).name in error["message"]
-    cases = outputs.read_dataset(out, outputs.CASES)
+    cases = read_table(out, CASES)
     assert sorted(cases["case_id"].to_pylist()) == sorted(frames_of(small_archive))
-    assert outputs.read_dataset(out, outputs.FRAMES).num_rows == sum(frames_of(small_archive).values())
+    assert read_table(out, FRAMES).num_rows == sum(frames_of(small_archive).values())
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "other-model"])
@@ -174,42 +173,6 @@ def test_a_bad_checkpoint_stops_the_job_before_any_work(small_archive, cls_check
     assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def resume_archive(tmp_path_factory) -> Path:
-    """Enough cases that a run can be killed between the first case and the last."""
-    from fetaliqa.synth import write_synthetic_archive
-
-    root = tmp_path_factory.mktemp("resume-archive")
-    write_synthetic_archive(str(root), cases=10, frames_per_sweep=10, height=90, width=120, seed=5)
-    return root
-
-
-def test_kill_9_then_rerun_equals_an_uninterrupted_run(ray_local, resume_archive, cls_checkpoint, tmp_path):
-    reference = str(tmp_path / "reference")
-    assert score("--input", str(resume_archive), "--checkpoint", cls_checkpoint, "--output", reference) == 0
-
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "jobs.score", "--input", str(resume_archive), "--checkpoint", cls_checkpoint,
-            "--output", str(out)]
-    driver = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list((out / "cases").glob("*.parquet"))) < 2:
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    completed = len(list((out / "cases").glob("*.parquet")))
-    assert 1 <= completed < 10, f"the driver was not killed midway ({completed} cases complete)"
-
-    result = run_cli("jobs.score", "--input", str(resume_archive), "--checkpoint", cls_checkpoint,
-                     "--output", str(out))
-    assert result.returncode == 0, result.stderr
-    assert "already complete" in result.stdout
-
-    expected, got = keyed_scores(reference), keyed_scores(str(out))
-    assert got.keys() == expected.keys()
-    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=0, atol=1e-6)
-
-
 def test_a_killed_predictor_actor_is_replaced_and_the_output_is_complete(small_archive, cls_checkpoint, tmp_path):
     marker = tmp_path / "killed-once"
     out = tmp_path / "out"
@@ -218,13 +181,54 @@ def test_a_killed_predictor_actor_is_replaced_and_the_output_is_complete(small_a
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.exists(), "the fault was never injected"
     assert len(keyed_scores(str(out))) == sum(frames_of(small_archive).values())
-    assert outputs.read_dataset(str(out), outputs.ERRORS).num_rows == 0
+    assert read_table(str(out), ERRORS).num_rows == 0
 
 
 def test_read_and_write_tasks_do_not_import_the_model_stack():
-    """Every read and write task's worker imports `fetaliqa.scoring`; torch, open_clip and peft would add
+    """Every read and write task's worker imports these modules; torch, open_clip and peft would add
     ~6 s of CPU per worker, which on a small machine costs as much as decoding a dozen cases."""
-    code = ("import sys, fetaliqa.scoring; "
+    code = ("import sys, fetaliqa.score.read, fetaliqa.score.write, fetaliqa.score.ledger, fetaliqa.score.record; "
             "print(sorted(m for m in ('torch', 'open_clip', 'peft', 'timm') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_rerun_retries_failed_cases_and_keeps_the_rest(ray_local, small_archive, cls_checkpoint, tmp_path):
+    archive = tmp_path / "archive"
+    expected = bad_archive(archive, small_archive)
+    images = archive / "images" / "stacked_fetal_ultrasound"
+    out = str(tmp_path / "out")
+    assert score("--input", str(archive), "--checkpoint", cls_checkpoint, "--output", out) == 0
+    first = {c: s for c, s in keyed_scores(out).items()}
+
+    good = next(p for p in sorted((small_archive / "images" / "stacked_fetal_ultrasound").iterdir()))
+    (images / "truncated.mha").write_bytes(good.read_bytes())  # the user copies the file again
+    assert score("--input", str(archive), "--checkpoint", cls_checkpoint, "--output", out) == 0
+
+    errors = read_table(out, ERRORS)
+    assert sorted(errors["case_id"].to_pylist()) == sorted(set(expected) - {"truncated"})
+    cases = read_table(out, CASES)
+    assert sorted(cases["case_id"].to_pylist()) == sorted([*frames_of(small_archive), "truncated"])
+    again = keyed_scores(out)
+    assert {k: v for k, v in again.items() if k[0] != "truncated"} == first  # scored once, kept as they were
+    run = json.loads(Path(out, "run.json").read_text())
+    assert run["cases"]["skipped"] == len(frames_of(small_archive)) and run["cases"]["retried"] == len(expected)
+    assert run["cases"]["scored"] == 1 and run["history"][0]["cases"]["failed"] == len(expected)
+
+
+def test_another_checkpoint_into_the_same_output_is_refused_unless_overwrite(ray_local, small_archive, cls_checkpoint,
+                                                                           seg_checkpoint, tmp_path):
+    out = str(tmp_path / "out")
+    assert score("--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out) == 0
+    refused = run_cli("jobs.score", "--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", out,
+                      timeout=120)
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    cls_id, seg_id = load_checkpoint(cls_checkpoint)[1]["checkpoint_id"], load_checkpoint(seg_checkpoint)[1]["checkpoint_id"]
+    assert cls_id in line and seg_id in line and "--overwrite" in line
+    assert set(read_table(out, FRAMES)["model"].to_pylist()) == {cls_id}
+
+    assert score("--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", out, "--overwrite") == 0
+    frames = read_table(out, FRAMES)
+    assert set(frames["model"].to_pylist()) == {seg_id} and frames.num_rows == sum(frames_of(small_archive).values())
+    assert json.loads(Path(out, "run.json").read_text())["history"] == []

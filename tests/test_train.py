@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fetaliqa import outputs as score_outputs
 from fetaliqa.archive import list_cases, read_circumferences
 from fetaliqa.metrics import best_f1_threshold
 from fetaliqa.models import LoraSpec, build_model, load_checkpoint
 from fetaliqa.models.normalize import normalize_frames
+from fetaliqa.score.schema import FRAMES, read_table
 from fetaliqa.training.data import case_items, read_frames
 from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, cls_loss, run_epoch, train_loop_per_worker
 from fetaliqa.training.protocol import load_split
@@ -98,7 +98,7 @@ def test_cls_run_survives_a_killed_worker_exports_its_best_epoch_and_is_not_retr
     listing.write_text("".join(f"{c.image_uri}\n" for c in list_cases(str(train_archive)) if c.case_id in split["test"]))
     assert score_job.main(["--input", str(listing), "--checkpoint", str(out / "checkpoint"),
                            "--output", str(scored)]) == 0
-    frames = score_outputs.read_dataset(str(scored), score_outputs.FRAMES)
+    frames = read_table(str(scored), FRAMES)
     assert frames["positive"].to_pylist() == list(frames["score"].to_numpy() >= meta["threshold"])
 
     # Rerunning the finished command resumes the finished run: no epoch is trained again.

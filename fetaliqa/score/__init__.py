@@ -1,0 +1,13 @@
+"""Scoring at archive scale, one module per stage; `jobs/score.py` composes them:
+
+```
+list_archive (driver, once, streaming)   -> (case_id, source) table, minus the cases already committed
+  | ReadCases      read.CaseReader        CPU tasks: fsspec GET -> SimpleITK -> (T, 224, 224) uint8, one block a case
+  | ScoreFrames    predict.ScoreFrames    actors holding the model (GPU or CPU): scores (T,), SEG masks bit-packed
+  | summarise_cases  write                CPU, beside the actor: masks to native size, areas, PNGs, AC, case summary
+  | WriteParts     write.PartWriter       a Datasink: parts of many cases, a file per table, then a commit record
+```
+`schema` holds the output contract, `ledger` the commit protocol and resume, `record` the run record
+(`run.json`) and progress lines. Only `predict` imports torch: read and write workers start in well under
+a second.
+"""

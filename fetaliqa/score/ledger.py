@@ -1,0 +1,137 @@
+"""The commit protocol of a scoring output: which parts are complete, and resuming after any failure.
+
+A write task stages nothing: it writes its part's files under their final names (`frames/<part>.parquet`,
+`cases/...`, `errors/...`; on a local filesystem through a hidden temporary file and a rename), and then
+its commit record `_fetaliqa/parts/<part>.json`, which names the files and the case ids the part scored
+and failed. The record is the commit: one object PUT, atomic on every object store (a rename on a local
+filesystem). A part without a record does not exist:
+
+- `read_table` reads only the files that records name;
+- `resume` (the start of every run into an existing output) deletes every table file that no record
+  names (a part whose writer died before its record), retries the failed cases of earlier runs (their
+  records are rewritten without them first, then their `errors/` files deleted, so a crash in between
+  leaves only an unnamed file for the next start to delete), and returns the ids already scored.
+
+So after `kill -9` of the driver, or the loss of any worker, at any moment, rerunning the same command
+scores each case exactly once: a case is in exactly one committed part, never decoded again once
+committed, and its frames are those an uninterrupted run writes. Part names are deterministic per write
+task (`<run_id>-<task index>`), so a write task that Ray retries overwrites its own files.
+
+Why not `ray.data.checkpoint`: it tracks the rows of one Write; a run writes three tables whose parts
+must commit together (a case is in `cases/` or `errors/` with its frames, or nowhere), and its filter
+runs on the rows a Read yields, which here are decoded cases: a complete case would be decoded again
+before being dropped.
+
+Object-store requests: a commit costs one PUT per non-empty table file plus one for the record; a start
+costs a LIST of the records, a GET each (batched), and a LIST per table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fetaliqa import storage
+from fetaliqa.score.schema import LEDGER_DIR, ROW_GROUP_ROWS, RUN_RECORD, TABLES, part_name
+from fetaliqa.storage import StorageOptions
+
+PARTS_DIR = f"{LEDGER_DIR}/parts"
+
+
+@dataclass
+class ResumeState:
+    """What an output already holds when a run starts."""
+
+    scored: set[str] = field(default_factory=set)   # case ids in committed parts: skipped
+    retried: int = 0                                # failed cases of earlier runs, to be read again
+    removed_files: int = 0                          # table files of parts that never committed
+
+
+def write_part(output_url: str, part: str, tables: dict[str, pa.Table], scored: list[str], failed: list[str],
+               storage_options: StorageOptions = None) -> dict:
+    """Write a part's non-empty tables, then its commit record; returns the record."""
+    fs, root = storage.filesystem(output_url, storage_options)
+    local = storage.is_local(output_url)
+    files = {}
+    for table, rows in tables.items():
+        if rows.num_rows:
+            files[table] = f"{table}/{part_name(part)}"
+            storage.put_object(fs, f"{root}/{files[table]}", _parquet_bytes(rows), local)
+    record = {"part": part, "files": files, "scored": scored, "failed": failed}
+    storage.put_object(fs, f"{root}/{PARTS_DIR}/{part}.json", json.dumps(record).encode(), local)
+    return record
+
+
+def committed_files(output_url: str, table: str, storage_options: StorageOptions = None) -> list[str]:
+    """Paths (relative to `output_url`) of the committed files of `table`, sorted."""
+    return sorted(r["files"][table] for r in load_records(output_url, storage_options) if table in r["files"])
+
+
+def load_records(output_url: str, storage_options: StorageOptions = None) -> list[dict]:
+    """Every commit record under `output_url` (none when there is no output yet)."""
+    fs, root = storage.filesystem(output_url, storage_options)
+    paths = [p for p in _ls(fs, f"{root}/{PARTS_DIR}") if p.endswith(".json")]
+    if not paths:
+        return []
+    contents = fs.cat(paths)
+    return [json.loads(contents[p]) for p in sorted(contents)]
+
+
+def resume(output_url: str, storage_options: StorageOptions = None) -> ResumeState:
+    """Make `output_url` hold committed parts only, release failed cases for retry; see the module docstring."""
+    fs, root = storage.filesystem(output_url, storage_options)
+    local = storage.is_local(output_url)
+    state = ResumeState()
+    named = set()
+    for record in load_records(output_url, storage_options):
+        if record["failed"]:
+            state.retried += len(record["failed"])
+            record = {**record, "files": {t: f for t, f in record["files"].items() if t != "errors"}, "failed": []}
+            path = f"{root}/{PARTS_DIR}/{record['part']}.json"
+            if record["scored"]:
+                storage.put_object(fs, path, json.dumps(record).encode(), local)
+            else:
+                fs.rm(path)
+        state.scored.update(record["scored"])
+        named.update(f"{root}/{f}" for f in record["files"].values())
+    unnamed = [p for table in TABLES for p in _ls(fs, f"{root}/{table}") if p not in named]
+    if unnamed:
+        fs.rm(unnamed)
+    state.removed_files = len(unnamed)
+    return state
+
+
+def holds_table_files(output_url: str, storage_options: StorageOptions = None) -> bool:
+    fs, root = storage.filesystem(output_url, storage_options)
+    return any(_ls(fs, f"{root}/{table}") for table in TABLES)
+
+
+def reset(output_url: str, storage_options: StorageOptions = None) -> None:
+    """Delete everything a scoring run writes under `output_url` (`--overwrite`)."""
+    fs, root = storage.filesystem(output_url, storage_options)
+    for name in (*TABLES, LEDGER_DIR, RUN_RECORD):
+        try:
+            fs.rm(f"{root}/{name}", recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return sink.getvalue().to_pybytes()
+
+
+def _ls(fs, path: str) -> list[str]:
+    """Paths of the files directly in `path`, [] when it does not exist.
+
+    `refresh=True`: the driver's filesystem instance caches listings, and workers write meanwhile.
+    """
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    return [e["name"] for e in entries if e["type"] == "file"]

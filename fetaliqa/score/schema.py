@@ -1,0 +1,89 @@
+"""The scoring output contract: three Parquet datasets and a run record under one output URL.
+
+```
+<output>/frames/<part>.parquet     one row per frame of a scored case          (FRAMES_SCHEMA)
+<output>/cases/<part>.parquet      one row per scored case                     (CASES_SCHEMA)
+<output>/errors/<part>.parquet     one row per case that could not be scored   (ERRORS_SCHEMA)
+<output>/run.json                  what ran: checkpoint id, versions, counts, times (`fetaliqa.score.record`)
+<output>/_fetaliqa/parts/<part>.json   commit records, one per part (`fetaliqa.score.ledger`)
+```
+A part is what one write task commits: the rows of many cases (up to `--cases-per-file`), one file per
+table, rows sorted by case_id then frame. `<part>` is `<run_id>-<task index>`. Each folder is a Parquet
+dataset that pyarrow, pandas, DuckDB or Spark read whole (`_`- and `.`-prefixed paths are not part of it).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from fetaliqa import storage
+from fetaliqa.storage import StorageOptions
+
+FRAMES_SCHEMA = pa.schema([
+    ("case_id", pa.string()),
+    ("sweep", pa.int8()),          # 1-based
+    ("frame", pa.int32()),         # 0-based index in the stack
+    ("score", pa.float32()),       # in [0, 1]
+    ("positive", pa.bool_()),      # score >= the checkpoint's threshold
+    ("mask_area", pa.int32()),     # SEG: mask pixels at native resolution; null for CLS
+    ("mask_png", pa.binary()),     # SEG: PNG of the native-resolution mask where positive; else null
+    ("model", pa.string()),        # checkpoint id
+    ("run_id", pa.string()),       # the run (attempt) that wrote the row; see run.json
+])
+
+CASES_SCHEMA = pa.schema([
+    ("case_id", pa.string()),
+    ("frames", pa.int32()),
+    ("positives", pa.int32()),
+    ("best_frame", pa.int32()),
+    ("best_sweep", pa.int8()),
+    ("best_score", pa.float32()),
+    ("ac_mm", pa.float32()),       # SEG: ellipse-fit circumference of the best frame's mask; null for CLS
+    ("source", pa.string()),
+    ("run_id", pa.string()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("case_id", pa.string()),      # the file name without its image suffix
+    ("source", pa.string()),
+    ("error", pa.string()),        # short kind, e.g. "truncated", "not_an_image"
+    ("message", pa.string()),      # one line naming the file and the problem
+    ("run_id", pa.string()),
+])
+
+FRAMES, CASES, ERRORS = "frames", "cases", "errors"
+TABLES = (FRAMES, CASES, ERRORS)
+SCHEMAS = {FRAMES: FRAMES_SCHEMA, CASES: CASES_SCHEMA, ERRORS: ERRORS_SCHEMA}
+RUN_RECORD = "run.json"
+LEDGER_DIR = "_fetaliqa"
+
+# Row groups of at most this many rows: a part of 50 ACOUSLIC cases (42,000 frames, ~1 MB without
+# masks) stays one row group, and a reader filtering on case_id skips whole groups of larger parts.
+ROW_GROUP_ROWS = 65_536
+
+
+def table_url(output_url: str, table: str) -> str:
+    return storage.join(output_url, table)
+
+
+def part_name(part: str) -> str:
+    return f"{part}.parquet"
+
+
+def read_table(output_url: str, table: str, storage_options: StorageOptions = None) -> pa.Table:
+    """Read one of `frames`, `cases`, `errors` whole, committed parts only (an empty table if none).
+
+    Files of an interrupted run that no commit record names are left out, so this reads a consistent
+    output even before a rerun has cleaned them up.
+    """
+    import pyarrow.dataset as ds
+
+    from fetaliqa.score.ledger import committed_files
+
+    schema = SCHEMAS[table]
+    files = committed_files(output_url, table, storage_options)
+    if not files:
+        return schema.empty_table()
+    fs, _ = storage.filesystem(output_url, storage_options)
+    paths = [storage.filesystem(storage.join(output_url, f), storage_options)[1] for f in files]
+    return ds.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table()

@@ -1,0 +1,152 @@
+"""Scoring's output side: summarise each scored case on CPU, then write parts of many cases.
+
+`summarise_cases` (a CPU map right after the predictor) turns a case's scores and, for SEG, its bit-packed
+(T, S, S) masks into one row: per-frame lists (`score`, `positive`, `mask_area` at native size, `mask_png`
+of positive frames) and the case summary (best frame, AC of its mask). Masks go no farther than this step.
+`PartWriter` (a Ray Data `Datasink`) receives those rows, `cases_per_file` or more at a time, and writes
+them as one part: a file per table, rows sorted by case_id then frame, then the part's commit record
+(`fetaliqa.score.ledger`). This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
+
+from fetaliqa.ellipse import circumference_mm
+from fetaliqa.layout import SWEEPS_PER_CASE
+from fetaliqa.preprocess import mask_to_native
+from fetaliqa.score import ledger
+from fetaliqa.score.schema import CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, CASES
+from fetaliqa.storage import StorageOptions
+
+# One summarised case: the per-frame lists the writer flattens into `frames/` and the `cases/` fields.
+CASE_ROW_SCHEMA = pa.schema([
+    ("case_id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("message", pa.string()),
+    ("score", pa.list_(pa.float32())), ("positive", pa.list_(pa.bool_())),
+    ("mask_area", pa.list_(pa.int32())), ("mask_png", pa.list_(pa.binary())),
+    ("frames", pa.int32()), ("positives", pa.int32()), ("best_frame", pa.int32()), ("best_sweep", pa.int8()),
+    ("best_score", pa.float32()), ("ac_mm", pa.float32()),
+])
+
+# Writing a part is light (Parquet of a few MB at most), and Ray Data reserves a share of the cluster's
+# CPUs for every operator by what its tasks declare: at one CPU each, the writers' reservation kept a
+# second read task from starting on a 4-CPU node.
+WRITE_TASK_CPUS = 0.25
+
+
+def summarise_cases(batch: dict[str, np.ndarray], threshold: float, image_size: int) -> pa.Table:
+    """Scored cases -> one `CASE_ROW_SCHEMA` row each, on CPU.
+
+    batch: `ScoreFrames`' output (`scores` (T,) float32; SEG: `masks` (T, S*S/8), each frame's (S, S) mask
+    bit-packed, S = `image_size`). A SEG frame's `mask_area` counts its mask's pixels at native size (0 when
+    empty); its `mask_png` is set where the frame is positive; `ac_mm` is the ellipse fit to the best
+    frame's native mask.
+    """
+    rows = [_summarise_case(batch, i, threshold, image_size) for i in range(len(batch["case_id"]))]
+    return pa.Table.from_pylist(rows, schema=CASE_ROW_SCHEMA)
+
+
+def _summarise_case(batch: dict[str, np.ndarray], i: int, threshold: float, side: int) -> dict:
+    row = {key: str(batch[key][i]) for key in ("case_id", "source", "error", "message")}
+    scores = np.asarray(batch["scores"][i], np.float32)
+    n = len(scores)
+    if row["error"] or n == 0:
+        return row | {"score": [], "positive": [], "mask_area": [], "mask_png": [], "frames": 0}
+    positive = scores >= threshold
+    best = int(np.argmax(scores))
+    area, png, ac_mm = [None] * n, [None] * n, None
+    if "masks" in batch:
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        masks = np.unpackbits(np.asarray(batch["masks"][i]), axis=1, count=side * side).reshape(n, side, side)
+        area = [0] * n
+        for f in np.flatnonzero(masks.any(axis=(1, 2))):
+            native = mask_to_native(masks[f:f + 1], height, width)[0]
+            area[f] = int(native.sum())
+            if positive[f]:
+                png[f] = _png(native)
+            if f == best:
+                ac_mm = circumference_mm(native, (float(batch["spacing_row"][i]), float(batch["spacing_col"][i])))
+    return row | {"score": scores, "positive": positive, "mask_area": area, "mask_png": png, "frames": n,
+                  "positives": int(positive.sum()), "best_frame": best,
+                  "best_sweep": best // (n // SWEEPS_PER_CASE) + 1, "best_score": float(scores[best]), "ac_mm": ac_mm}
+
+
+class PartWriter(Datasink):
+    """Writes summarised cases as parts of `cases_per_file` or more cases each; see `fetaliqa.score.ledger`.
+
+    `write` returns the part's tally {"part", "cases", "failed", "frames", "positives"}; `progress`, when
+    given, is an actor with a `record(tally)` method (`fetaliqa.score.record.Progress`).
+    """
+
+    def __init__(self, output: str, run_id: str, model_id: str, cases_per_file: int,
+                 storage_options: StorageOptions = None, progress=None):
+        self.output = output
+        self.run_id = run_id
+        self.model_id = model_id
+        self.cases_per_file = cases_per_file
+        self.storage_options = storage_options
+        self.progress = progress
+        self.tallies: list[dict] = []
+
+    def get_name(self) -> str:
+        return "WriteParts"
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.cases_per_file
+
+    def write(self, blocks: Iterable[Block], ctx) -> dict:
+        rows = pa.concat_tables([BlockAccessor.for_block(b).to_arrow() for b in blocks])
+        rows = rows.take(pc.sort_indices(rows, [("case_id", "ascending")]))
+        failed = rows.filter(pc.not_equal(rows["error"], ""))
+        scored = rows.filter(pc.equal(rows["error"], ""))
+        tables = {FRAMES: self._frames(scored), CASES: self._cases(scored), ERRORS: self._errors(failed)}
+        part = f"{self.run_id}-{ctx.task_idx:06d}"
+        ledger.write_part(self.output, part, tables, scored["case_id"].to_pylist(), failed["case_id"].to_pylist(),
+                          self.storage_options)
+        tally = {"part": part, "cases": scored.num_rows, "failed": failed.num_rows,
+                 "frames": tables[FRAMES].num_rows, "positives": int(pc.sum(scored["positives"]).as_py() or 0)}
+        if self.progress is not None:
+            self.progress.record.remote(tally)
+        return tally
+
+    def on_write_complete(self, write_result) -> None:
+        self.tallies = [t for t in write_result.write_returns if t]
+
+    def _frames(self, scored: pa.Table) -> pa.Table:
+        scores = scored["score"].combine_chunks() if scored.num_rows else pa.array([], pa.list_(pa.float32()))
+        lengths = pc.list_value_length(scores).to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+        frame = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+        per_sweep = np.repeat(np.maximum(lengths // SWEEPS_PER_CASE, 1), lengths)
+        total = len(frame)
+        return pa.table({
+            "case_id": pc.take(scored["case_id"], pc.list_parent_indices(scores)) if total else pa.array([], pa.string()),
+            "sweep": (frame // per_sweep + 1).astype(np.int8), "frame": frame.astype(np.int32),
+            "score": pc.list_flatten(scores), "positive": pc.list_flatten(scored["positive"].combine_chunks()),
+            "mask_area": pc.list_flatten(scored["mask_area"].combine_chunks()),
+            "mask_png": pc.list_flatten(scored["mask_png"].combine_chunks()),
+            "model": pa.repeat(self.model_id, total), "run_id": pa.repeat(self.run_id, total),
+        }, schema=FRAMES_SCHEMA)
+
+    def _cases(self, scored: pa.Table) -> pa.Table:
+        columns = {name: scored[name] for name in CASES_SCHEMA.names if name != "run_id"}
+        return pa.table({**columns, "run_id": pa.repeat(self.run_id, scored.num_rows)}, schema=CASES_SCHEMA)
+
+    def _errors(self, failed: pa.Table) -> pa.Table:
+        columns = {name: failed[name] for name in ERRORS_SCHEMA.names if name != "run_id"}
+        return pa.table({**columns, "run_id": pa.repeat(self.run_id, failed.num_rows)}, schema=ERRORS_SCHEMA)
+
+
+def _png(mask: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
