@@ -64,3 +64,24 @@ def test_the_readme_benchmark_commands_parse():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.build_parser().parse_args(words[2:])
+
+
+def test_the_readme_snippets_read_a_real_scoring_output(ray_local, small_archive, cls_checkpoint, tmp_path):
+    """The "Reading the outputs" snippet (pyarrow, pandas, DuckDB) runs as written on a real run's output."""
+    from fetaliqa.score.schema import CASES, FRAMES, read_table
+    from jobs import score as score_job
+
+    out = str(tmp_path / "scores")
+    assert score_job.main(["--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out]) == 0
+    snippets = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    assert snippets, "the README shows no Python snippet"
+    scope = {"out": out}
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), scope)
+
+    frames = read_table(out, FRAMES)
+    assert scope["frames"].sort_by([("case_id", "ascending"), ("frame", "ascending")]).equals(
+        frames.sort_by([("case_id", "ascending"), ("frame", "ascending")]))
+    assert sorted(scope["cases"]["case_id"]) == sorted(read_table(out, CASES)["case_id"].to_pylist())
+    positive = frames.filter(frames["positive"]).sort_by([("score", "descending")])
+    assert [round(s, 6) for _, _, s in scope["best"]] == [round(s, 6) for s in positive["score"].to_pylist()[:5]]
