@@ -1,49 +1,57 @@
 """Scoring throughput: the Ray Data pipeline against a paper-style loop and against the decode ceiling.
 
     .venv/bin/python benchmarks/score_throughput.py [--cases 24] [--tiny-cases 4] [--data benchmarks/data]
-        [--output benchmarks/RESULTS.md]
+        [--output benchmarks/results-throughput.md]
 
 All figures come from one run on one machine, on the same synthetic archive of ACOUSLIC-size cases
 (840 frames of 562 x 744, zlib-compressed .mha):
-  (a) `jobs.score` end to end on a local Ray (read tasks -> predictor actor -> Parquet writers), and its
-      steady state: cases between the first and the last case's Parquet file, which leaves out the
-      start-up (the predictor actor importing torch and building its model, the first decode);
+  (a) `jobs.score` end to end on a local Ray (read tasks -> predictor actor -> summaries -> Parquet parts),
+      and its steady state (a') from the commit records `_fetaliqa/parts/*.json` (mtime = commit time):
+      the frames of every part but the first committed over the time from the first commit to the last,
+      which leaves out the start-up (the predictor actor importing torch and building its model, the
+      first decodes, the first part);
   (b) a paper-style loop in one process: SimpleITK read, per-frame pad + PIL resize, batches of 32;
   (c) the ceiling: cores x the single-core frames/s of read + the pipeline's preprocessing alone;
   (d) read + preprocessing in one plain process per core (no Ray, no model): how far decoding scales.
 (a) and (b) use `fetalclip-micro` (one narrow block, 32-pixel patches) so that they measure reading,
 preprocessing and orchestration; the model's share of the per-frame cost is printed. On CPU the model
 runs on the same cores as decoding, so a second ceiling (c') charges it too. Then `fetalclip-tiny`
-through the pipeline (on the first `--tiny-cases`) against its model-only frames/s. Not a test: timings
-belong here, not in the suite.
+through the pipeline (on the first `--tiny-cases`) against its model-only frames/s. The Markdown goes to
+`--output`, one section of benchmarks/RESULTS.md. Not a test: timings belong here, not in the suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import ray
 import SimpleITK as sitk
 import torch
 from threadpoolctl import threadpool_limits
 
-from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.archive import read_image_stack
 from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.preprocess import naive_preprocess_frame, resize_frames
-from jobs.common import init_ray
+from fetaliqa.score.read import list_archive
 from fetaliqa.synth import write_synthetic_archive
-
 from jobs import score as score_job
+from jobs.common import init_ray
 
 FRAMES_PER_SWEEP, HEIGHT, WIDTH = 140, 562, 744
+FRAMES_PER_CASE = 6 * FRAMES_PER_SWEEP
 
 
 def single_thread() -> None:
@@ -63,13 +71,13 @@ def make_checkpoint(name: str, root: Path) -> str:
     return url
 
 
-def stage_times(cases: list, model: torch.nn.Module) -> dict[str, float]:
+def stage_times(cases: list[str], model: torch.nn.Module) -> dict[str, float]:
     """Seconds per frame of each stage on one core, over every case."""
     seconds = {"read": 0.0, "naive_preprocess": 0.0, "fast_preprocess": 0.0, "model": 0.0}
     frames = 0
-    for case in cases:
+    for uri in cases:
         t0 = time.perf_counter()
-        stack = read_image_stack(case.image_uri).frames
+        stack = read_image_stack(uri).frames
         t1 = time.perf_counter()
         fast = resize_frames(stack)
         t2 = time.perf_counter()
@@ -93,10 +101,9 @@ def _read_and_resize(uri: str) -> int:
     return len(resize_frames(read_image_stack(uri).frames))
 
 
-def plain_processes(cases: list, processes: int) -> float:
+def plain_processes(uris: list[str], processes: int) -> float:
     """(d): frames/s of read + resize_frames in `processes` plain worker processes, no Ray and no model:
     how well decoding itself scales over the cores (memory bandwidth, caches)."""
-    uris = [case.image_uri for case in cases]
     with get_context("spawn").Pool(processes) as pool:
         pool.map(_read_and_resize, uris[:processes])  # start-up and imports, not timed
         started = time.perf_counter()
@@ -104,12 +111,12 @@ def plain_processes(cases: list, processes: int) -> float:
     return frames / (time.perf_counter() - started)
 
 
-def paper_loop(cases: list, model: torch.nn.Module) -> float:
+def paper_loop(cases: list[str], model: torch.nn.Module) -> float:
     """(b): frames/s of read -> per-frame pad + resize -> batches of 32 through the model, one process."""
     frames, started = 0, time.perf_counter()
     with torch.inference_mode():
-        for case in cases:
-            stack = sitk.GetArrayFromImage(sitk.ReadImage(case.image_uri))
+        for uri in cases:
+            stack = sitk.GetArrayFromImage(sitk.ReadImage(uri))
             batch = []
             for frame in stack:
                 batch.append(naive_preprocess_frame(frame))
@@ -124,17 +131,38 @@ def paper_loop(cases: list, model: torch.nn.Module) -> float:
 
 def pipeline(source: str, checkpoint: str, work: Path, batch_size: int) -> tuple[float, float, float]:
     """(a): frames/s of `jobs.score` end to end (Ray already running), frames/s in its steady state, and
-    the seconds until the first case was written (start-up plus one case)."""
+    the seconds until the first part was committed (start-up plus one case). One case a part, so that the
+    commit records time every case (an 840-frame case makes a part of ~20 kB per table)."""
     out = work / "scores"
     shutil.rmtree(out, ignore_errors=True)
     started = time.time()
     assert score_job.main(["--input", source, "--checkpoint", checkpoint, "--output", str(out),
-                           "--batch-size", str(batch_size)]) == 0
+                           "--batch-size", str(batch_size), "--cases-per-file", "1"]) == 0
     seconds = time.time() - started
-    done = sorted(f.stat().st_mtime for f in (out / "cases").glob("*.parquet"))  # each case's last file
-    frames_per_case = 6 * FRAMES_PER_SWEEP
-    steady = (len(done) - 1) * frames_per_case / (done[-1] - done[0])
-    return len(done) * frames_per_case / seconds, steady, done[0] - started
+    commits = commit_times(out)
+    frames = sum(f for _, f in commits)
+    span = commits[-1][0] - commits[0][0]
+    # One part gives no span: its steady state is not measured (nan, printed as such).
+    steady = sum(f for _, f in commits[1:]) / span if span > 0 else math.nan
+    return frames / seconds, steady, commits[0][0] - started
+
+
+def commit_times(out: Path) -> list[tuple[float, int]]:
+    """(commit time, frames) of each committed part, in commit order. A commit record is written through a
+    temporary file and a rename, so its mtime is the commit time; every case here has FRAMES_PER_CASE frames."""
+    records = (out / "_fetaliqa" / "parts").glob("*.json")
+    return sorted((p.stat().st_mtime, FRAMES_PER_CASE * len(json.loads(p.read_text())["scored"])) for p in records)
+
+
+def acouslic_size_archive(data: Path, cases: int) -> Path:
+    """The cached archive of `cases` ACOUSLIC-size cases; written once (its circumferences CSV comes last)."""
+    archive = data / f"acouslic-size-{cases}"
+    complete = (archive / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv").exists()
+    if not complete or len(list((archive / "images" / "stacked_fetal_ultrasound").glob("*.mha"))) != cases:
+        shutil.rmtree(archive, ignore_errors=True)
+        write_synthetic_archive(str(archive), cases=cases, frames_per_sweep=FRAMES_PER_SWEEP,
+                                height=HEIGHT, width=WIDTH, seed=0)
+    return archive
 
 
 def model_only(model: torch.nn.Module, threads: int, batch_size: int = 32, batches: int = 8) -> float:
@@ -148,23 +176,26 @@ def model_only(model: torch.nn.Module, threads: int, batch_size: int = 32, batch
     return batch_size * batches / (time.perf_counter() - started)
 
 
+def fixed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals; a steady state over a single part is not measured."""
+    return "n/a (one part)" if math.isnan(value) else f"{value:.{digits}f}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=24, help="ACOUSLIC-size synthetic cases (written once)")
     parser.add_argument("--tiny-cases", type=int, default=4, help="cases scored with fetalclip-tiny")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data"))
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-throughput.md"),
+                        help="Markdown written here (a section of benchmarks/RESULTS.md)")
     return parser
 
 
 def main() -> None:
     args = build_parser().parse_args()
     cores = os.cpu_count() or 1
-    archive = args.data / f"acouslic-size-{args.cases}"
-    if len(list((archive / "images" / "stacked_fetal_ultrasound").glob("*.mha"))) != args.cases:
-        write_synthetic_archive(str(archive), cases=args.cases, frames_per_sweep=FRAMES_PER_SWEEP,
-                                height=HEIGHT, width=WIDTH, seed=0)
-    cases = list_cases(str(archive))
+    archive = acouslic_size_archive(args.data, args.cases)
+    cases = list_archive(str(archive))["source"].to_pylist()
     work = Path(tempfile.mkdtemp(prefix="fetaliqa-bench-"))
     micro_ckpt, tiny_ckpt = make_checkpoint("fetalclip-micro", work), make_checkpoint("fetalclip-tiny", work)
     micro = build_model("fetalclip-micro", "cls")[0].eval().merge_adapters()
@@ -181,18 +212,19 @@ def main() -> None:
     init_ray()
     piped, steady, first_case = pipeline(str(archive), micro_ckpt, work, batch_size=64)
     tiny_list = work / "tiny_cases.txt"
-    tiny_list.write_text("".join(f"{os.path.abspath(case.image_uri)}\n" for case in cases[:args.tiny_cases]))
+    tiny_list.write_text("".join(f"{os.path.abspath(uri)}\n" for uri in cases[:args.tiny_cases]))
     tiny_piped, tiny_steady, _ = pipeline(str(tiny_list), tiny_ckpt, work, batch_size=64)
     tiny_model = model_only(tiny, threads=1)
     shutil.rmtree(work, ignore_errors=True)
 
-    command = f"`.venv/bin/python benchmarks/score_throughput.py --cases {args.cases} --tiny-cases {args.tiny_cases}`"
+    interpreter = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    command = f"`{shlex.join([interpreter, *sys.argv])}`"
     ms = {k: 1000 * v for k, v in stages.items()}
     lines = [
         "# Scoring throughput", "",
         f"Command: {command}. Machine: {platform.machine()}, {cores} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU; torch {torch.__version__}. "
-        f"Archive: {len(cases)} synthetic cases of {6 * FRAMES_PER_SWEEP} frames of {HEIGHT} x {WIDTH}, zlib .mha.", "",
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU; torch {torch.__version__}, Ray {ray.__version__}. "
+        f"Archive: {len(cases)} synthetic cases of {FRAMES_PER_CASE} frames of {HEIGHT} x {WIDTH}, zlib .mha.", "",
         "## Where one frame's time goes (one core)", "",
         "| stage | ms/frame |", "|---|---|",
         f"| SimpleITK read + decode | {ms['read']:.3f} |",
@@ -203,24 +235,25 @@ def main() -> None:
         "## Data path (fetalclip-micro)", "",
         "| path | frames/s |", "|---|---|",
         f"| (a) Ray Data pipeline, `jobs.score` end to end | {piped:.0f} |",
-        f"| (a') the same run's steady state (first to last case written; the first after {first_case:.1f} s) | {steady:.0f} |",
+        f"| (a') the same run's steady state (parts after the first, first to last commit; the first part "
+        f"committed after {first_case:.1f} s) | {steady:.0f} |",
         f"| (b) paper-style loop, one process | {loop:.0f} |",
         f"| (c) ceiling: {cores} cores x {per_core:.0f} frames/s (read + resize_frames, one core) | {ceiling:.0f} |",
         f"| (c') ceiling with the model on the same cores: {cores} / (read + resize + model) | {ceiling_with_model:.0f} |",
         f"| (d) read + resize_frames in {cores} plain processes, no Ray, no model | {plain:.0f} ({plain / ceiling:.2f} of c) |", "",
-        f"a/b = **{piped / loop:.2f}** (target >= 2); a/c = **{piped / ceiling:.2f}** (target >= 0.8); "
-        f"a'/c = {steady / ceiling:.2f}; a/c' = {piped / ceiling_with_model:.2f}; a'/c' = {steady / ceiling_with_model:.2f}.", "",
+        f"a/b = **{piped / loop:.2f}** (target >= 2); a'/c = **{steady / ceiling:.2f}** (target a'/c >= 0.8); "
+        f"a/c = {piped / ceiling:.2f}; a/c' = {piped / ceiling_with_model:.2f}; a'/c' = {steady / ceiling_with_model:.2f}.", "",
         "## Model (fetalclip-tiny)", "",
         "| path | frames/s |", "|---|---|",
         f"| pipeline end to end, {args.tiny_cases} cases | {tiny_piped:.0f} |",
-        f"| the same run's steady state | {tiny_steady:.0f} |",
+        f"| the same run's steady state | {fixed(tiny_steady, 0)} |",
         f"| model only, one thread, batch 32 | {tiny_model:.0f} |", "",
-        f"pipeline / model-only = {tiny_piped / tiny_model:.2f} end to end, {tiny_steady / tiny_model:.2f} steady. On CPU the predictor actor holds one core "
+        f"pipeline / model-only = {tiny_piped / tiny_model:.2f} end to end, {fixed(tiny_steady / tiny_model, 2)} steady. On CPU the predictor actor holds one core "
         "and decoding the other, so the tiny model, not reading, sets the pace here.", "",
         "## Reading the figures", "",
-        f"- End to end includes a fixed start-up: the first case was written after {first_case:.1f} s, while the "
-        "predictor actor imported torch, open_clip and peft and built its model beside the first decodes. "
-        f"It amortises over an archive: at the steady rate a/c would be {steady / ceiling:.2f}.",
+        f"- End to end includes a fixed start-up: the first part was committed after {first_case:.1f} s, while the "
+        "predictor actor imported torch, open_clip and peft and built its model beside the first decodes, and the "
+        f"first part filled. It amortises over an archive: at the steady rate a/c would be {steady / ceiling:.2f}.",
         f"- Decoding scales over the cores: plain processes reach {plain / ceiling:.2f} of (c). In steady state "
         f"the pipeline reaches {steady / ceiling_with_model:.2f} of (c'); the rest is orchestration on the same "
         "cores: the predictor's per-batch copy out of the object store, the Parquet writers, the driver's "

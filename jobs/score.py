@@ -51,10 +51,10 @@ def score(args: argparse.Namespace) -> int:
     so, started = args.storage_options, time.perf_counter()
     _, meta = load_checkpoint(args.checkpoint, storage_options=so)  # a bad checkpoint fails before any work
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
+    listed = list_archive(args.input, so)  # before the output changes: a bad --input leaves it as it was
     if args.overwrite:
         ledger.reset(args.output, so)
     resumed = ledger.resume(args.output, so)
-    listed = list_archive(args.input, so)
     todo = listed.filter(pc.invert(pc.is_in(listed["case_id"], pa.array(sorted(resumed.scored), pa.string()))))
     cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
     record.write_record(args.output, run, so)

@@ -5,7 +5,9 @@
 of positive frames) and the case summary (best frame, AC of its mask). Masks go no farther than this step.
 `PartWriter` (a Ray Data `Datasink`) receives those rows, `cases_per_file` or more at a time, and writes
 them as one part: a file per table, rows sorted by case_id then frame, then the part's commit record
-(`fetaliqa.score.ledger`). This module imports no torch.
+(`fetaliqa.score.ledger`). Ray Data fuses the two into one task per part, so the (T, S, S) masks travel
+once, from the predictor to that task, bit-packed (5.3 MB an ACOUSLIC case instead of 42 MB), and never
+reach the output. This module imports no torch.
 """
 
 from __future__ import annotations
