@@ -10,7 +10,8 @@ COMMANDS = {
     "info": "print a model's parameter counts and config as JSON",
     "train": "fine-tune a model on an annotated archive with Ray Train (the paper's protocol)",
     "score": "score every frame of an archive on Ray and write Parquet",
-    "evaluate": "compare a scoring run with the archive's annotations: metrics.json and report.html",
+    "evaluate": "compare a scoring run or challenge-format predictions with the annotations: metrics.json, report.html",
+    "export": "write a scoring run as ACOUSLIC-AI challenge-format predictions (segmentation stack + frame number)",
     "demo": "the whole chain on a synthetic archive: synth, train, score, evaluate",
 }
 

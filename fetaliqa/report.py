@@ -1,267 +1,26 @@
-"""Evaluate a scoring run against an archive's annotations, and write `metrics.json` and `report.html`.
+"""Write an evaluation (`fetaliqa.evaluation`) as `metrics.json`, PNG plots and `report.html` at any fsspec URL.
 
-```
-<scores>/frames/, cases/, errors/       (a `fetaliqa score` run)  -+
-<data>/masks/stacked_fetal_abdomen/     (ground truth)             +-> evaluate() -> Evaluation
-<data>/circumferences/...csv            (reference AC per sweep)  -+        |
-                                                                      write_report(output)
-<output>/metrics.json, report.html, pr_curve.png, traces_<case>.png  <------+
-```
-Ground truth: a frame is positive when its mask is non-empty (label 1 optimal or 2 suboptimal).
-
-The operating point is the run's own: a frame is predicted positive where `positive` is true (score >= the
-checkpoint's threshold, which the output does not store and need not: `positive` carries it). Threshold-free
-measures (AUROC, AUPRC, the PR curve) use `score`, and the threshold that would maximise F1 on these very
-frames is reported for information only (it is chosen on the test set, so it is not a result).
-
-Case metrics (`fetaliqa.metrics.case_metrics`): the method selects a case's highest-scoring frame when that
-frame is positive, else abstains. SEG runs (whose `mask_area` is set) are scored on the selected frame's
-mask (`mask_png`, or an empty mask where the frame is not positive) and on AC (`cases/ac_mm`) against the
-csv's AC of the selected frame's sweep; an abstaining case is scored against its first sweep with an AC
-(NAE 1 if it has one). CLS runs have neither mask nor AC: soft Dice and NAE are null.
-
-Every case is accounted for: a case in the archive or the run that cannot be evaluated is listed under
-`excluded_cases` with its reason, never dropped silently: `scoring_error` (in errors/), `not_scored` (in
-neither cases/ nor errors/), `not_in_archive`, `no_mask`, `mask_error` (unreadable mask), `frames_mismatch`
-(frames/ rows or mask frames disagree with cases/), `mask_png` (undecodable or wrong size).
-
-Masks are read once per case, one case at a time (a full-size mask stack is 351 MB), and only the mask is
-decoded, not the image: ~0.4 s per full-size case here, against ~10 s for `read_case(..., with_mask=True)`
-on a loaded 2-core machine (the image is what costs).
+A scoring run's report: run info, headline frame metrics, confusion matrix, PR curve, per-sweep and per-case
+tables, score traces, the ACOUSLIC-AI challenge's metrics, excluded cases. Challenge-format predictions
+have no frame scores: their report holds the run info, the challenge's metrics and the excluded cases.
+`evaluate`, `Evaluation` and `CaseTrace` are re-exported from `fetaliqa.evaluation`.
 """
 
 from __future__ import annotations
 
-import datetime
 import html
 import io
 import json
-from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
-import pyarrow as pa
 
-from fetaliqa import layout, metrics, storage
-from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
-from fetaliqa.archive import list_cases, read_circumferences, read_mask_stack
-from fetaliqa.errors import InputError
+from fetaliqa import layout, storage
+from fetaliqa.evaluation import CaseTrace, Evaluation, Fov, evaluate, evaluate_predictions
 from fetaliqa.storage import StorageOptions
 
-LABEL_NAMES = {layout.MASK_BACKGROUND: "none", layout.MASK_OPTIMAL: "optimal", layout.MASK_SUBOPTIMAL: "suboptimal"}
+__all__ = ["CaseTrace", "Evaluation", "Fov", "evaluate", "evaluate_predictions", "write_report", "MAX_CASE_PLOTS"]
+
 MAX_CASE_PLOTS = 12
-
-
-@dataclass
-class CaseTrace:
-    """What the plots need of one evaluated case; arrays are (T,), frame f in sweep f // (T // 6)."""
-
-    case_id: str
-    scores: np.ndarray  # float32 in [0, 1]
-    positive: np.ndarray  # bool, the run's prediction
-    labels: np.ndarray  # uint8 in {0, 1, 2}, from the masks
-    selected: int | None  # the frame the method selects, None when it abstains
-    reference_ac_mm: list = field(default_factory=list)  # 6 values (None where a sweep has no AC)
-
-
-@dataclass
-class Evaluation:
-    """`metrics`: the JSON-ready content of metrics.json; `traces`: the evaluated cases, sorted by id."""
-
-    metrics: dict
-    traces: list[CaseTrace]
-
-
-# ---------------------------------------------------------------------------------------------- evaluate
-
-
-def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = None) -> Evaluation:
-    """Join a scoring run with the archive's masks and compute frame, sweep and case metrics.
-
-    scores_url : the `--output` folder of `fetaliqa score`. data_url : the ACOUSLIC-layout root that was
-    scored (masks, and the circumference csv when present). Raises `InputError` when no case can be
-    evaluated at all (the message counts the reasons).
-    """
-    so = storage_options
-    frames = read_table(scores_url, FRAMES, so)
-    cases = read_table(scores_url, CASES, so)
-    errors = read_table(scores_url, ERRORS, so)
-    archive = {c.case_id: c for c in list_cases(data_url, so)}
-    try:
-        circumferences, ac_note = read_circumferences(data_url, so), None
-    except InputError as err:  # missing or malformed: frame metrics, WFSS and Dice do not need it
-        circumferences, ac_note = {}, f"circumference csv not used ({err}): NAE of AC not computed"
-    is_seg = frames.num_rows > 0 and frames["mask_area"].null_count < frames.num_rows
-
-    rows = _group_frames(frames)
-    excluded = _unscored_cases(archive, cases, errors)
-    traces, per_case = [], []
-    for case in sorted(cases.to_pylist(), key=lambda c: c["case_id"]):
-        case_id = case["case_id"]
-        try:
-            trace, result = _evaluate_case(case, rows.get(case_id), archive.get(case_id), circumferences,
-                                           is_seg, so)
-        except _Excluded as why:
-            excluded.append({"case_id": case_id, "source": case["source"], "reason": why.reason,
-                             "message": why.message})
-            continue
-        traces.append(trace)
-        per_case.append(result)
-    if not traces:
-        reasons = ", ".join(f"{n} {r}" for r, n in _count_reasons(excluded).items()) or "no cases in the run"
-        raise InputError(scores_url, f"no scored case could be evaluated against {data_url} ({reasons})")
-
-    labels = np.concatenate([t.labels for t in traces]) > 0
-    scores = np.concatenate([t.scores for t in traces])
-    positive = np.concatenate([t.positive for t in traces])
-    sweeps = np.concatenate([layout.sweep_of_frame(np.arange(len(t.scores)), len(t.scores)) + 1 for t in traces])
-    notes = [ac_note] if ac_note and is_seg else []
-    return Evaluation(metrics={
-        "run": {"scores": scores_url, "data": data_url, "task": "seg" if is_seg else "cls",
-                "models": sorted(set(frames["model"].to_pylist())),
-                "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "cases_in_run": cases.num_rows, "cases_evaluated": len(traces), "cases_excluded": len(excluded),
-                "notes": notes},
-        "frame_metrics": frame_summary(labels, scores, positive),
-        "per_sweep": [{"sweep": int(s), **_counts_at_positive(labels[sweeps == s], positive[sweeps == s])}
-                      for s in np.unique(sweeps)],
-        "case_metrics": {"aggregate": metrics.aggregate_case_metrics(per_case), "per_case": per_case},
-        "excluded_cases": excluded,
-    }, traces=traces)
-
-
-def frame_summary(labels: np.ndarray, scores: np.ndarray, positive: np.ndarray) -> dict:
-    """Frame metrics at the run's operating point, plus threshold-free ones and the best-F1 threshold.
-
-    labels, positive : (N,) bool (ground truth; the run's prediction). scores : (N,) float.
-    Counts, accuracy, precision, recall, F1 and specificity come from `positive`; AUROC and AUPRC (None
-    with one class only) from `scores`. `threshold_between` is the interval the run's threshold must lie in
-    ((highest score of a negative prediction, lowest score of a positive one]; an end is None when there is
-    no such frame). `best_f1` is {threshold, f1, precision, recall} of `metrics.best_f1_threshold`.
-    """
-    summary = _counts_at_positive(labels, positive)
-    ranked = metrics.frame_metrics(labels, scores, threshold=0.5)  # only its threshold-free entries are used
-    best_threshold, _ = metrics.best_f1_threshold(labels, scores)
-    at_best = metrics.frame_metrics(labels, scores, best_threshold)
-    return {**summary, "auroc": ranked["auroc"], "auprc": ranked["auprc"],
-            "predicted_positives": int(positive.sum()),
-            "threshold_between": [float(scores[~positive].max()) if (~positive).any() else None,
-                                  float(scores[positive].min()) if positive.any() else None],
-            "best_f1": {key: at_best[key] for key in ("threshold", "f1", "precision", "recall")}}
-
-
-def _counts_at_positive(labels: np.ndarray, positive: np.ndarray) -> dict:
-    """`metrics.frame_metrics` of the bool predictions themselves (scored 0/1 at threshold 0.5), without
-    its threshold-free entries, which are meaningless on 0/1 scores."""
-    result = metrics.frame_metrics(labels, positive.astype(np.float64), threshold=0.5)
-    keep = ("n", "positives", "tp", "fp", "tn", "fn", "accuracy", "precision", "recall", "f1", "specificity")
-    return {key: result[key] for key in keep}
-
-
-class _Excluded(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
-def _group_frames(frames: pa.Table) -> dict[str, dict]:
-    """frames/ rows by case, sorted by frame: {case_id: {"frame", "score", "positive" arrays, "png" column}}."""
-    if frames.num_rows == 0:
-        return {}
-    table = frames.select(["case_id", "frame", "score", "positive", "mask_png"]).sort_by(
-        [("case_id", "ascending"), ("frame", "ascending")])
-    ids = table["case_id"].to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    ends = np.r_[starts[1:], len(ids)]
-    frame, score = table["frame"].to_numpy(), table["score"].to_numpy()
-    positive = table["positive"].to_numpy(zero_copy_only=False)
-    png = table["mask_png"].combine_chunks()
-    return {ids[a]: {"frame": frame[a:b], "score": score[a:b], "positive": positive[a:b].astype(bool),
-                     "png": png.slice(a, b - a)} for a, b in zip(starts, ends)}
-
-
-def _unscored_cases(archive: dict, cases: pa.Table, errors: pa.Table) -> list[dict]:
-    """Cases with a scoring error, and archive cases the run holds nothing for."""
-    excluded, failed = [], set()
-    for error in errors.to_pylist():
-        case_id = layout.case_id_of(error["source"])
-        failed.add(case_id)
-        excluded.append({"case_id": case_id, "source": error["source"], "reason": "scoring_error",
-                         "message": f"{error['error']}: {error['message']}"})
-    scored = set(cases["case_id"].to_pylist())
-    for case_id in sorted(set(archive) - scored - failed):
-        excluded.append({"case_id": case_id, "source": archive[case_id].image_uri, "reason": "not_scored",
-                         "message": "in the archive but in neither cases/ nor errors/ of the run "
-                                    "(not in its input, or the run was interrupted: rerun score to complete it)"})
-    return excluded
-
-
-def _evaluate_case(case: dict, rows: dict | None, case_ref, circumferences: dict, is_seg: bool,
-                   storage_options: StorageOptions) -> tuple[CaseTrace, dict]:
-    """Metrics of one scored case; raises `_Excluded` with the reason when it cannot be evaluated."""
-    case_id, n = case["case_id"], case["frames"]
-    if case_ref is None:
-        raise _Excluded("not_in_archive", f"scored case {case_id} is not in the --data archive")
-    if case_ref.mask_uri is None:
-        raise _Excluded("no_mask", f"no mask for case {case_id} in {layout.MASKS_DIR}/")
-    if rows is None or not np.array_equal(rows["frame"], np.arange(n)):
-        found = 0 if rows is None else len(rows["frame"])
-        raise _Excluded("frames_mismatch", f"cases/ says {n} frames; frames/ holds {found} rows, not frames 0..{n - 1}")
-    try:
-        gt = read_mask_stack(case_ref.mask_uri, None, storage_options)
-    except InputError as err:
-        raise _Excluded("mask_error", f"{err.kind}: {err}") from err
-    if gt.shape[0] != n:
-        raise _Excluded("frames_mismatch", f"the mask has {gt.shape[0]} frames; the run scored {n}")
-
-    scores, positive = rows["score"], rows["positive"]
-    frames_per_sweep = n // layout.SWEEPS_PER_CASE
-    # the method selects its top frame when that frame is positive: a threshold that says just that
-    top = int(np.argmax(scores))
-    threshold = -np.inf if positive[top] else np.inf
-    selected = metrics.select_frame(scores, threshold)
-    reference = circumferences.get(case_id, [None] * layout.SWEEPS_PER_CASE)
-    pred_mask = predicted_ac = reference_ac = None
-    if is_seg:
-        pred_mask = np.zeros(gt.shape[1:], bool)
-        png = None if selected is None else rows["png"][selected].as_py()
-        if png is not None:
-            decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
-            if decoded is None or decoded.shape != gt.shape[1:]:
-                found = "not a PNG" if decoded is None else f"{decoded.shape}"
-                raise _Excluded("mask_png", f"mask_png of frame {selected} is {found}; the ground truth is "
-                                            f"{gt.shape[1:]}")
-            pred_mask = decoded > 0
-        predicted_ac = case["ac_mm"]
-        known = [ac for ac in reference if ac is not None]
-        reference_ac = (reference[layout.sweep_of_frame(selected, n)] if selected is not None
-                        else (known[0] if known else None))
-    result = metrics.case_metrics(scores, gt, pred_mask, reference_ac, predicted_ac, frames_per_sweep,
-                                  threshold=threshold)
-    labels = metrics.frame_labels(gt)
-    truth = labels > 0
-    per_case = {
-        "case_id": case_id, "frames": n, "gt_positive_frames": int(truth.sum()),
-        "predicted_positive_frames": int(positive.sum()),
-        "tp": int((truth & positive).sum()), "fp": int((~truth & positive).sum()), "fn": int((truth & ~positive).sum()),
-        "selected_frame": selected,
-        "selected_sweep": None if selected is None else layout.sweep_of_frame(selected, n) + 1,
-        "selected_label": None if selected is None else LABEL_NAMES[int(labels[selected])],
-        "top_score": float(scores[top]),
-        "wfss": result["wfss"], "soft_dice": result["soft_dice"], "nae_ac": result["nae_ac"],
-        "predicted_ac_mm": None if predicted_ac is None or selected is None else float(predicted_ac),
-        "reference_ac_mm": reference_ac,
-    }
-    trace = CaseTrace(case_id, scores.astype(np.float32), positive, labels, selected, list(reference))
-    return trace, per_case
-
-
-def _count_reasons(excluded: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in excluded:
-        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
-    return counts
-
 
 # ---------------------------------------------------------------------------------------------- plots
 
@@ -372,9 +131,15 @@ def trace_png(trace: CaseTrace, case: dict | None = None, seg: bool = False) -> 
 def write_report(evaluation: Evaluation, output_url: str, storage_options: StorageOptions = None,
                  max_case_plots: int = MAX_CASE_PLOTS) -> str:
     """Write metrics.json, the PNG plots and report.html under `output_url` (any fsspec URL); return the
-    report's URL. Score traces are drawn for the first `max_case_plots` evaluated cases (sorted by id)."""
+    report's URL. Score traces are drawn for the first `max_case_plots` evaluated cases (sorted by id).
+    An evaluation of predictions (no "frame_metrics") has no plots: metrics.json and report.html only."""
     fs, root = storage.filesystem(output_url, storage_options)
     fs.makedirs(root, exist_ok=True)
+    if "frame_metrics" not in evaluation.metrics:
+        document = dict(evaluation.metrics, plots=[])
+        fs.pipe_file(f"{root}/metrics.json", json.dumps(document, indent=2, allow_nan=False).encode())
+        fs.pipe_file(f"{root}/report.html", render_predictions_html(document).encode())
+        return storage.join(output_url, "report.html")
     traces = evaluation.traces
     labels = np.concatenate([t.labels for t in traces]) > 0
     scores = np.concatenate([t.scores for t in traces]).astype(np.float64)
@@ -467,14 +232,61 @@ def render_html(document: dict, traces: list[CaseTrace]) -> str:
             name = f"traces_{_safe_name(trace.case_id)}.png"
             parts.append(f"<figure><img src='{esc(name)}' alt='score traces of case {esc(trace.case_id)}'>"
                          f"<figcaption>Case {esc(trace.case_id)}.</figcaption></figure>")
-    parts.append("<h2>Excluded cases</h2>")
-    excluded = document["excluded_cases"]
-    parts.append(_table(["case", "reason", "detail"], [[e["case_id"], e["reason"], e["message"]] for e in excluded])
-                 if excluded else "<p>None: every case of the archive and of the run was evaluated.</p>")
-    parts.append("<p class='note'>Case metrics follow fetaliqa.metrics, whose rules differ from the ACOUSLIC-AI "
-                 "challenge's own evaluation code in places (see its documentation): these are not leaderboard "
-                 "numbers.</p></body></html>")
+    parts.append("<p class='note'>The case metrics above (headline and per case) follow fetaliqa.metrics, whose "
+                 "rules differ from the ACOUSLIC-AI challenge's own evaluation code in places (see its "
+                 "documentation): they are not leaderboard numbers. The next section's are.</p>")
+    parts += [_acouslic_html(document["acouslic"]), _excluded_html(document["excluded_cases"]), "</body></html>"]
     return "\n".join(parts)
+
+
+def render_predictions_html(document: dict) -> str:
+    """The report page of challenge-format predictions: run info, the challenge's metrics, excluded cases."""
+    run = document["run"]
+    esc = html.escape
+    return "\n".join([
+        f"<!doctype html><html><head><meta charset='utf-8'><title>fetaliqa evaluation</title>"
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Challenge-format predictions: evaluation report</h1>",
+        _table(["run", ""], [["predictions", run["predictions"]], ["ground truth (archive)", run["data"]],
+                             ["cases evaluated", f"{run['cases_evaluated']} of {run['cases_in_archive']} in the "
+                                                 f"archive; {run['cases_excluded']} excluded (listed below)"],
+                             ["evaluated at", run["evaluated_at"]]], "info"),
+        *(f"<p class='note'>{esc(note)}</p>" for note in run["notes"]),
+        _acouslic_html(document["acouslic"]), _excluded_html(document["excluded_cases"]), "</body></html>"])
+
+
+def _acouslic_html(section: dict) -> str:
+    """The "acouslic" section of metrics.json as HTML: the FOV used, the aggregate, the per-case table."""
+    aggregate = section["aggregate"]
+    rows = [["score", aggregate["score"], "0.5 (1 - NAE) + 0.25 Dice + 0.25 WFSS, the leaderboard's ranking"],
+            ["WFSS", aggregate["wfss"], "1 optimal frame selected, 0.6 suboptimal where the case has an optimal "
+                                        "one, 0 unannotated or none selected"],
+            ["Dice", aggregate["soft_dice"], "the selected frame's mask against the annotation inside the FOV "
+                                             "(an unannotated frame: the nearest annotated one within 15, weighted)"],
+            ["NAE of AC", aggregate["nae_ac"], "|reference - predicted| / max(both); 1 without an AC"]]
+    per_case = [[c["case_id"], "none" if c["frame"] == -1 else c["frame"], c["wfss"], _inf(c["soft_dice"]),
+                 _mm(c["ac_mm"]), _mm(c["reference_ac_mm"]), c["nae_ac"]] for c in section["per_case"]]
+    return "\n".join([
+        "<h2>ACOUSLIC-AI challenge metrics</h2>",
+        "<p>Computed as the challenge's own evaluation code computes them (fetaliqa.challenge): leaderboard "
+        f"numbers, means over the {len(per_case)} cases evaluated. <b>Field of view</b>: "
+        f"{html.escape(section['fov'])}.</p>",
+        _table(["metric", "value", "what it means"],
+               [[name, _inf(value), text] for name, value, text in rows], "headline"),
+        "<p class='note'>inf: the challenge's Dice of an empty annotation against an empty prediction is "
+        "SimpleITK's inf (metrics.json holds null there), and its plain means carry it into the mean Dice and "
+        "the score.</p>",
+        _table(["case", "selected frame", "WFSS", "Dice", "AC (mm)", "reference AC (mm)", "NAE AC"], per_case)])
+
+
+def _inf(value):
+    return "inf" if value is None else value
+
+
+def _excluded_html(excluded: list[dict]) -> str:
+    return "<h2>Excluded cases</h2>\n" + (
+        _table(["case", "reason", "detail"], [[e["case_id"], e["reason"], e["message"]] for e in excluded])
+        if excluded else "<p>None: every case of the archive and of the run was evaluated.</p>")
 
 
 def _headline_rows(frame: dict, aggregate: dict, seg: bool) -> list[list]:

@@ -1,9 +1,16 @@
-"""Evaluate a scoring run against the archive's annotations: `python -m jobs.evaluate --scores ... --data ...`.
+"""Evaluate against the archive's annotations: `python -m jobs.evaluate (--scores URL | --predictions DIR) --data URL`.
 
-frames/ + cases/ + errors/ of a `fetaliqa score` run, joined with the archive's masks (a frame is positive when
-its mask is non-empty) and AC csv -> frame metrics at the run's own operating point (`positive`), per sweep,
-and the ACOUSLIC case metrics (WFSS; SEG: soft Dice, NAE of AC) -> metrics.json and report.html with PNG
-plots under --output (default: <scores>/evaluation). Runs in this process; no Ray needed.
+--scores: frames/ + cases/ + errors/ of a `fetaliqa score` run, joined with the archive's masks (a frame is
+positive when its mask is non-empty) and AC csv -> frame metrics at the run's own operating point
+(`positive`), per sweep, fetaliqa's case metrics (WFSS; SEG: soft Dice, NAE of AC) and the ACOUSLIC-AI
+challenge's own metrics ("acouslic") -> metrics.json and report.html with PNG plots under --output
+(default: <scores>/evaluation).
+--predictions: any algorithm's challenge-format outputs (DIR/<case_id>/fetal-abdomen-segmentation.mha and
+fetal-abdomen-frame-number.json, as `fetaliqa export` writes them) -> the challenge's metrics only; --output
+is required. A case whose prediction file is missing or malformed is listed under "excluded_cases" with
+the file's one-line error.
+--fov-mask: the FOV mask file of the challenge's metrics (the challenge's fov_mask.mha); without it, one is
+derived from each case's image stack. Runs in this process; no Ray needed.
 """
 
 from __future__ import annotations
@@ -13,14 +20,21 @@ import sys
 import time
 
 from fetaliqa import report, storage
+from fetaliqa.errors import FetaliqaError
 from jobs.common import add_storage_options, run_recipe
 
 
 def build_parser(prog: str = "python -m jobs.evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", required=True, help="output folder of `fetaliqa score` (local path or fsspec URL)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scores", help="output folder of `fetaliqa score` (local path or fsspec URL)")
+    source.add_argument("--predictions", help="challenge-format predictions: DIR/<case_id>/fetal-abdomen-"
+                                              "segmentation.mha and fetal-abdomen-frame-number.json")
     parser.add_argument("--data", required=True, help="the ACOUSLIC-layout archive that was scored (with masks)")
-    parser.add_argument("--output", default=None, help="report folder (default: <scores>/evaluation)")
+    parser.add_argument("--output", default=None, help="report folder (default: <scores>/evaluation; "
+                                                       "required with --predictions)")
+    parser.add_argument("--fov-mask", default=None, help="FOV mask image (e.g. the challenge's fov_mask.mha) for "
+                                                         "the challenge's metrics; default: derived per case")
     parser.add_argument("--max-case-plots", type=int, default=report.MAX_CASE_PLOTS,
                         help="draw score traces for the first N cases (sorted by id)")
     add_storage_options(parser)
@@ -29,17 +43,32 @@ def build_parser(prog: str = "python -m jobs.evaluate") -> argparse.ArgumentPars
 
 def evaluate(args: argparse.Namespace) -> int:
     so = args.storage_options
-    output = args.output or storage.join(args.scores, "evaluation")
+    if args.predictions and not args.output:
+        raise FetaliqaError("--output is required with --predictions")
     started = time.perf_counter()
+    fov = report.Fov.from_url(args.fov_mask, so) if args.fov_mask else report.Fov()
 
-    result = report.evaluate(args.scores, args.data, so)             # join scores with masks; metrics
+    if args.predictions:
+        result = report.evaluate_predictions(args.predictions, args.data, so, fov)   # read each case's files
+    else:
+        result = report.evaluate(args.scores, args.data, so, fov)            # join scores with masks; metrics
+    output = args.output or storage.join(args.scores, "evaluation")
     page = report.write_report(result, output, so, args.max_case_plots)  # metrics.json, PNGs, report.html
 
-    frame, cases, run = result.metrics["frame_metrics"], result.metrics["case_metrics"]["aggregate"], result.metrics["run"]
-    print(f"fetaliqa evaluate: {run['cases_evaluated']} cases, {frame['n']} frames: F1 {frame['f1']:.3f} "
-          f"(precision {frame['precision']:.3f}, recall {frame['recall']:.3f}), WFSS {cases['wfss']:.3f}; "
-          f"{run['cases_excluded']} cases excluded; {time.perf_counter() - started:.1f} s -> {page}", flush=True)
+    run, challenge = result.metrics["run"], result.metrics["acouslic"]["aggregate"]
+    line = f"fetaliqa evaluate: {run['cases_evaluated']} cases"
+    if not args.predictions:
+        frame, cases = result.metrics["frame_metrics"], result.metrics["case_metrics"]["aggregate"]
+        line += (f", {frame['n']} frames: F1 {frame['f1']:.3f} (precision {frame['precision']:.3f}, recall "
+                 f"{frame['recall']:.3f}), WFSS {cases['wfss']:.3f}")
+    print(f"{line}; {run['cases_excluded']} cases excluded; ACOUSLIC-AI score {_number(challenge['score'])} "
+          f"(WFSS {_number(challenge['wfss'])}, Dice {_number(challenge['soft_dice'])}, NAE AC "
+          f"{_number(challenge['nae_ac'])}); {time.perf_counter() - started:.1f} s -> {page}", flush=True)
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.3f}"  # metrics.json writes the challenge's inf as null
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.evaluate") -> int:

@@ -12,13 +12,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import SimpleITK as sitk
+from conftest import REFERENCE_FOV_MASK
 
-from fetaliqa import layout
+from fetaliqa import challenge, layout
 from fetaliqa.archive import list_cases, read_image_stack
 from fetaliqa.report import evaluate
 from fetaliqa.score import ledger, schema
 
 from jobs import evaluate as evaluate_job
+from jobs import export as export_job
 from jobs import score as score_job
 
 T, H, W = 12, 20, 30  # 6 sweeps of 2 frames: sweep s (1-based) holds frames 2(s-1) and 2(s-1)+1
@@ -143,6 +145,60 @@ def test_hand_made_seg_run_gives_the_hand_computed_metrics(hand_archive, tmp_pat
         "evaluated_at": None}
 
 
+def test_the_challenges_own_metrics_of_the_hand_made_seg_run(hand_archive, tmp_path):
+    scores = str(tmp_path / "scores")
+    write_run(scores, hand_archive)
+    acouslic = evaluate(scores, str(hand_archive)).metrics["acouslic"]
+    assert list(acouslic) == ["per_case", "aggregate", "fov"] and acouslic["fov"] == "derived from each case's frames"
+    alpha, beta = acouslic["per_case"]
+    assert list(alpha) == ["case_id", "frame", "wfss", "soft_dice", "nae_ac", "ac_mm", "reference_ac_mm"]
+    # alpha: frame 4, suboptimal while frame 5 is optimal -> 0.6. Its frames are all 40, so the derived FOV is the
+    # whole frame: the 25 px mask inside the 50 px annotation -> 2/3. AC: the challenge's fit of that 5 x 5 square.
+    ac = challenge.circumference_mm(PRED_MASKS[("alpha", 4)], np.ones((H, W)))
+    assert 2 < ac < 8  # mm: a circle of ~4-5 px across at 0.28 mm a pixel
+    assert alpha == {"case_id": "alpha", "frame": 4, "wfss": 0.6, "soft_dice": pytest.approx(2 / 3),
+                     "nae_ac": pytest.approx((200 - ac) / 200), "ac_mm": pytest.approx(ac), "reference_ac_mm": 200.0}
+    # beta abstains (-1) on an annotated case: WFSS 0; the challenge measures the empty mask against the stack's
+    # last frame, unannotated: SimpleITK's Dice of two empty masks, inf, written null; no AC, no sweep: NAE 1
+    assert challenge.EMPTY_DICE == float("inf")
+    assert beta == {"case_id": "beta", "frame": -1, "wfss": 0.0, "soft_dice": None, "nae_ac": 1.0, "ac_mm": None,
+                    "reference_ac_mm": None}
+    # the challenge's plain means carry the inf into the mean Dice and the score: null; the others are numbers
+    assert acouslic["aggregate"] == {"wfss": pytest.approx(0.3), "soft_dice": None,
+                                     "nae_ac": pytest.approx((alpha["nae_ac"] + 1) / 2), "score": None}
+
+
+def test_a_fov_mask_file_is_used_for_every_case_and_named(hand_archive, tmp_path, capsys):
+    scores, out = str(tmp_path / "scores"), tmp_path / "report"
+    write_run(scores, hand_archive)
+    fov = np.zeros((H, W), np.float32)
+    fov[:, :8] = 1  # a "fan" of columns 0-7, read from an object store
+    sitk.WriteImage(sitk.GetImageFromArray(fov), str(tmp_path / "fov.mha"))
+    fov_url = f"memory://{tmp_path.name}/fov_mask.mha"
+    fsspec.filesystem("memory").pipe_file(f"/{tmp_path.name}/fov_mask.mha", (tmp_path / "fov.mha").read_bytes())
+    assert evaluate_job.main(["--scores", scores, "--data", str(hand_archive), "--output", str(out),
+                              "--fov-mask", fov_url]) == 0
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["acouslic"]["fov"] == f"file {fov_url}"
+    alpha = m["acouslic"]["per_case"][0]
+    # inside columns 0-7 the annotation of frame 4 and the mask are the same 5 x 3 px: Dice 1 (2/3 without the FOV)
+    assert alpha["soft_dice"] == pytest.approx(1.0)
+    expected_ac = challenge.circumference_mm(PRED_MASKS[("alpha", 4)], fov)
+    assert alpha["ac_mm"] == (None if expected_ac is None else pytest.approx(expected_ac))
+    assert m["case_metrics"]["per_case"][0]["soft_dice"] == pytest.approx(2 / 3)  # fetaliqa's own: no FOV
+    assert f"file {fov_url}" in (out / "report.html").read_text()
+    assert "ACOUSLIC-AI score inf (WFSS 0.300, Dice inf, NAE AC" in capsys.readouterr().out
+
+    # the challenge's own FOV mask (562 x 744) does not fit these 20 x 30 frames: one line naming it, no report
+    assert evaluate_job.main(["--scores", scores, "--data", str(hand_archive), "--output", str(tmp_path / "r2"),
+                              "--fov-mask", str(REFERENCE_FOV_MASK)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{REFERENCE_FOV_MASK}: FOV mask is (562, 744); case alpha's frames are (20, 30)" in err[0]
+    assert not (tmp_path / "r2").exists()
+    fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
+
+
 def test_cls_run_has_no_dice_or_ac_and_the_report_goes_to_any_fsspec_url(hand_archive, tmp_path, capsys):
     scores = f"memory://{tmp_path.name}/scores"  # scores in and report out through fsspec
     write_run(scores, hand_archive, seg=False)
@@ -154,6 +210,9 @@ def test_cls_run_has_no_dice_or_ac_and_the_report_goes_to_any_fsspec_url(hand_ar
     assert m["run"]["task"] == "cls" and m["frame_metrics"]["f1"] == pytest.approx(4 / 7)
     assert m["case_metrics"]["aggregate"] == {"cases": 2, "wfss": pytest.approx(0.3), "soft_dice": None,
                                               "nae_ac": None}
+    # the challenge scores CLS too: alpha's frame 4 with an empty mask -> Dice 0 against its annotation, no AC
+    assert m["acouslic"]["per_case"][0] == {"case_id": "alpha", "frame": 4, "wfss": 0.6, "soft_dice": 0.0,
+                                            "nae_ac": 1.0, "ac_mm": None, "reference_ac_mm": 200.0}
     assert {"pr_curve.png", "traces_alpha.png", "traces_beta.png"} <= set(m["plots"])
     page = fs.cat(f"{root}/report.html").decode()
     assert "gamma" in page and "not_scored" in page and "soft Dice" not in page
@@ -185,6 +244,15 @@ def test_scoring_then_evaluating_a_synthetic_archive(ray_local, small_archive, s
         assert key in m["frame_metrics"]
     for case in m["case_metrics"]["per_case"]:
         assert {"wfss", "soft_dice", "nae_ac", "selected_frame"} <= set(case)
+    # the challenge's metrics of the same selections; exported and evaluated as predictions, the same numbers
+    assert [c["frame"] for c in m["acouslic"]["per_case"]] == [
+        -1 if c["selected_frame"] is None else c["selected_frame"] for c in m["case_metrics"]["per_case"]]
+    predictions = tmp_path / "predictions"
+    assert export_job.main(["--scores", scores, "--output", str(predictions)]) == 0
+    assert evaluate_job.main(["--predictions", str(predictions), "--data", str(small_archive),
+                              "--output", str(tmp_path / "from-predictions")]) == 0
+    again = json.loads((tmp_path / "from-predictions" / "metrics.json").read_text())
+    assert again["acouslic"] == m["acouslic"] and not again["excluded_cases"]
 
     page = (report_dir / "report.html").read_text()
     images = re.findall(r"<img src='([^']+)'", page)
