@@ -41,8 +41,8 @@ def init_ray(local_cpus: int | None = None) -> None:
     read and map tasks each hold a CPU, and with too few logical CPUs the data pipeline waits forever for a
     CPU a worker holds; and Ray Data reserves each operator a share of the logical CPUs (half of them,
     split over the operators): with 4, the scoring job's read operator got under one task's CPU and decoded
-    one case at a time (24 ACOUSLIC-size cases on 2 cores: 310 frames/s in steady state, read concurrency
-    0.97; with 8, 563 frames/s, 3.6 reads at a time). Logical CPUs are scheduling slots, not cores, so
+    one case at a time (24 ACOUSLIC-size cases on 2 cores: read concurrency 0.97, the reads spanning 80 s;
+    with 8: 3.5 reads at a time, 64 s, the whole execution 88 -> 83 s). Logical CPUs are scheduling slots, not cores, so
     oversubscribing is safe; read tasks also declare their memory, which bounds how many run at once.
     `address="local"` never joins a stale cluster left behind by an earlier run.
     """
