@@ -118,7 +118,9 @@ def list_cases(input_url: str, storage_options: StorageOptions = None) -> list[C
 def _image_names(fs, path: str) -> list[str]:
     """Sorted names of the image files directly inside folder `path` of `fs` (hidden files left out)."""
     entries = fs.ls(path, detail=True)
-    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file")
+    # fsspec's local filesystem types a symlink "other": follow it, as a user who links data in expects
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries
+             if e["type"] == "file" or (e.get("islink") and fs.isfile(e["name"])))
     return sorted(n for n in names if layout.image_suffix(n) and not n.startswith("."))
 
 

@@ -22,6 +22,22 @@ mask (`mask_png`, or an empty mask where the frame is not positive) and on AC (`
 csv's AC of the selected frame's sweep; an abstaining case is scored against its first sweep with an AC
 (NAE 1 if it has one). CLS runs have neither mask nor AC: soft Dice and NAE are null.
 
+Paper-comparable frame metrics (`frame_metrics_paper`, a second table beside the all-frames one): the
+frames, labels and decision rule of the FetalCLIP-IQA paper's code, so its F1 0.757 (CLS) / 0.771 (SEG) can
+be set beside a run's:
+- frames of AC sweeps only: sweeps with a reference AC in the circumference csv (the paper's preprocessing
+  skips the others); without the csv the table is null and a note says why;
+- a frame is truly positive when its mask, zero-padded to a square and resized to 224 x 224 by nearest
+  neighbour (`preprocess.mask_to_model`), is non-empty (a few-pixel mask can vanish there);
+- predicted positive when score > 0.5 (CLS) or the mask covers more than 1% of the 224 x 224 image
+  (SEG: score > 0.01), strictly and whatever the checkpoint's own threshold;
+- SEG's "Dice" is the paper's: one pixel F-score pooled over all those frames at 224 x 224,
+  2 TP / (2 TP + FP + FN). A run keeps masks of its positive frames only (`mask_png`), so its other frames
+  count as empty predictions, where the paper's code also counted their sub-threshold pixels; the
+  native-size PNGs are mapped back to 224 x 224 like the truth.
+  {"frames", "cases", "rule", "n", "positives", "tp", "fp", "tn", "fn", "accuracy", "precision", "recall",
+   "f1", "specificity", "pixel_f_score" (SEG; null for CLS)}
+
 The challenge's own metrics (`fetaliqa.challenge`, rule for rule: leaderboard numbers) are metrics.json's
 "acouslic" section, for a run and for predictions alike:
   {"per_case": [{"case_id", "frame", "wfss", "soft_dice", "nae_ac", "ac_mm", "reference_ac_mm"}, ...],
@@ -61,12 +77,15 @@ import pyarrow as pa
 from fetaliqa import challenge, export, layout, metrics, storage
 from fetaliqa.archive import CaseRef, list_cases, read_circumferences, read_image_stack, read_mask_stack
 from fetaliqa.errors import InputError
+from fetaliqa.preprocess import IMAGE_SIZE, mask_to_model
 from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
 from fetaliqa.storage import StorageOptions
 
 LABEL_NAMES = {layout.MASK_BACKGROUND: "none", layout.MASK_OPTIMAL: "optimal", layout.MASK_SUBOPTIMAL: "suboptimal"}
 FOV_DERIVED = "derived from each case's frames"
 ACOUSLIC_CASE_KEYS = ("case_id", "frame", "wfss", "soft_dice", "nae_ac", "ac_mm", "reference_ac_mm")
+# The paper's decision rules (its code: sigmoid > 0.5; mask area > 1% of the 224 x 224 image), strict.
+PAPER_RULE = {"cls": (0.5, "score > 0.5"), "seg": (0.01, "predicted mask > 1% of the 224 x 224 image")}
 
 
 @dataclass
@@ -79,6 +98,16 @@ class CaseTrace:
     labels: np.ndarray  # uint8 in {0, 1, 2}, from the masks
     selected: int | None  # the frame the method selects, None when it abstains
     reference_ac_mm: list = field(default_factory=list)  # 6 values (None where a sweep has no AC)
+
+
+@dataclass
+class PaperFrames:
+    """One case's frames as the paper's code counts them (module docstring): those of its AC sweeps.
+    labels, positive : (n,) bool; pixels : (tp, fp, fn) at 224 x 224 for SEG, None for CLS."""
+
+    labels: np.ndarray
+    positive: np.ndarray
+    pixels: tuple[int, int, int] | None
 
 
 @dataclass
@@ -160,6 +189,42 @@ def acouslic_section(per_case: list[dict], fov: Fov) -> dict:
             "aggregate": {key: _json_value(value) for key, value in aggregate.items()}, "fov": fov.source}
 
 
+def paper_frames(gt: np.ndarray, rows: dict, reference_acs: list, is_seg: bool) -> PaperFrames:
+    """The frames of a case's AC sweeps as the paper counts them. gt (T, H, W) uint8 labels; rows: the
+    case's `export.group_frames` entry; reference_acs: 6 values, None where a sweep has no AC."""
+    per_sweep = len(gt) // layout.SWEEPS_PER_CASE
+    frames = np.concatenate([np.arange(s * per_sweep, (s + 1) * per_sweep)
+                             for s, ac in enumerate(reference_acs) if ac is not None] or [np.zeros(0, int)])
+    truth = mask_to_model(gt[frames], IMAGE_SIZE).astype(bool)
+    threshold, _ = PAPER_RULE["seg" if is_seg else "cls"]
+    positive = rows["score"][frames] > threshold
+    pixels = None
+    if is_seg:
+        predicted = np.zeros_like(truth)
+        for i, frame in enumerate(frames):
+            if rows["png"][frame].is_valid:  # frames without a PNG predict nothing (module docstring)
+                try:
+                    native = export.selected_mask(rows, int(frame), gt.shape[1:])
+                except ValueError as err:
+                    raise _Excluded("mask_png", str(err)) from err
+                predicted[i] = mask_to_model(native[None].astype(np.uint8), IMAGE_SIZE)[0]
+        pixels = (int((predicted & truth).sum()), int((predicted & ~truth).sum()), int((~predicted & truth).sum()))
+    return PaperFrames(truth.any(axis=(1, 2)), positive, pixels)
+
+
+def paper_frame_table(cases: list[PaperFrames], task: str) -> dict:
+    """metrics.json's "frame_metrics_paper" from the evaluated cases' `paper_frames` (module docstring)."""
+    labels = np.concatenate([c.labels for c in cases] or [np.zeros(0, bool)])
+    positive = np.concatenate([c.positive for c in cases] or [np.zeros(0, bool)])
+    pixel_f_score = None
+    if task == "seg":
+        tp, fp, fn = np.sum([c.pixels for c in cases], axis=0) if cases else (0, 0, 0)
+        pixel_f_score = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None
+    return {"frames": "frames of AC sweeps only (a reference AC in the csv), labels at 224 x 224",
+            "cases": sum(bool(len(c.labels)) for c in cases), "rule": PAPER_RULE[task][1],
+            **_counts_at_positive(labels, positive), "pixel_f_score": pixel_f_score}
+
+
 def _circumferences(data_url: str, storage_options: StorageOptions) -> tuple[dict, str | None]:
     try:
         return read_circumferences(data_url, storage_options), None
@@ -198,12 +263,12 @@ def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = N
 
     rows = export.group_frames(frames)
     excluded = _unscored_cases(archive, cases, errors)
-    traces, per_case, acouslic = [], [], []
+    traces, per_case, acouslic, paper = [], [], [], []
     for case in sorted(cases.to_pylist(), key=lambda c: c["case_id"]):
         case_id = case["case_id"]
         try:
-            trace, result, challenge_result = _evaluate_case(case, rows.get(case_id), archive.get(case_id),
-                                                             circumferences, is_seg, fov, so)
+            trace, result, challenge_result, paper_case = _evaluate_case(
+                case, rows.get(case_id), archive.get(case_id), circumferences, is_seg, fov, so)
         except _Excluded as why:
             excluded.append({"case_id": case_id, "source": case["source"], "reason": why.reason,
                              "message": why.message})
@@ -211,6 +276,7 @@ def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = N
         traces.append(trace)
         per_case.append(result)
         acouslic.append(challenge_result)
+        paper.append(paper_case)
     if not traces:
         raise _no_case_error(scores_url, data_url, excluded, "scored", "run")
 
@@ -221,12 +287,15 @@ def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = N
     notes = [ac_note] if ac_note and is_seg else []
     if ac_note:
         notes.append("ACOUSLIC-AI metrics: no reference AC, so the challenge's NAE is 1 for every case")
+        notes.append("paper-comparable frame metrics not computed: the paper counts frames of AC sweeps only, "
+                     "which the circumference csv names")
     return Evaluation(metrics={
         "run": {"scores": scores_url, "data": data_url, "task": "seg" if is_seg else "cls",
                 "models": sorted(set(frames["model"].to_pylist())), "evaluated_at": _now(),
                 "cases_in_run": cases.num_rows, "cases_evaluated": len(traces), "cases_excluded": len(excluded),
                 "notes": notes},
         "frame_metrics": frame_summary(labels, scores, positive),
+        "frame_metrics_paper": None if ac_note else paper_frame_table(paper, "seg" if is_seg else "cls"),
         "per_sweep": [{"sweep": int(s), **_counts_at_positive(labels[sweeps == s], positive[sweeps == s])}
                       for s in np.unique(sweeps)],
         "case_metrics": {"aggregate": metrics.aggregate_case_metrics(per_case), "per_case": per_case},
@@ -295,9 +364,9 @@ def _read_truth(case_ref: CaseRef, storage_options: StorageOptions) -> np.ndarra
 
 
 def _evaluate_case(case: dict, rows: dict | None, case_ref, circumferences: dict, is_seg: bool, fov: Fov,
-                   storage_options: StorageOptions) -> tuple[CaseTrace, dict, dict]:
-    """Metrics of one scored case (trace, fetaliqa's case metrics, the challenge's); raises `_Excluded`
-    with the reason when it cannot be evaluated."""
+                   storage_options: StorageOptions) -> tuple[CaseTrace, dict, dict, PaperFrames]:
+    """Metrics of one scored case (trace, fetaliqa's case metrics, the challenge's, the paper's frames);
+    raises `_Excluded` with the reason when it cannot be evaluated."""
     case_id, n = case["case_id"], case["frames"]
     _check_ref(case_ref, case_id)
     if rows is None or not np.array_equal(rows["frame"], np.arange(n)):
@@ -342,7 +411,7 @@ def _evaluate_case(case: dict, rows: dict | None, case_ref, circumferences: dict
         "reference_ac_mm": reference_ac,
     }
     trace = CaseTrace(case_id, scores.astype(np.float32), positive, labels, selected, list(reference))
-    return trace, per_case, challenge_result
+    return trace, per_case, challenge_result, paper_frames(gt, rows, reference, is_seg)
 
 
 def _count_reasons(excluded: list[dict]) -> dict[str, int]:

@@ -209,6 +209,7 @@ def render_html(document: dict, traces: list[CaseTrace]) -> str:
              "threshold. Only a few frames in 100 are positive, so accuracy says little: F1 is the main measure.</p>",
              _table(["metric", "value", "what it means"], _headline_rows(frame, cases["aggregate"], seg), "headline"),
              "<h2>Confusion matrix (frames)</h2>", _confusion_html(frame),
+             _paper_html(document["frame_metrics_paper"]),
              "<h2>Precision-recall curve</h2>",
              "<figure><img src='pr_curve.png' alt='precision-recall curve'><figcaption>Precision against recall "
              "of the frame scores as the threshold varies (blue). Red dot: this run's operating point (the "
@@ -303,6 +304,22 @@ def _headline_rows(frame: dict, aggregate: dict, seg: bool) -> list[list]:
         rows += [["soft Dice", aggregate["soft_dice"], "overlap of the selected frame's mask with the nearest annotated mask"],
                  ["NAE of AC", aggregate["nae_ac"], "abdominal circumference error relative to the reference (0 is perfect)"]]
     return rows
+
+
+def _paper_html(paper: dict | None) -> str:
+    """metrics.json's "frame_metrics_paper": the paper's frames and rule, beside the all-frames table."""
+    head = ("<h2>Paper-comparable frame metrics</h2><p>The FetalCLIP-IQA paper's own counting, to set beside "
+            "its table (F1 0.757 CLS, 0.771 SEG): frames of sweeps with a reference AC only, labels from the "
+            "masks at 224 x 224, and its decision rule.</p>")
+    if paper is None:
+        return head + "<p class='note'>Not computed: without the circumference csv the AC sweeps are unknown.</p>"
+    rows = [["frames", f"{paper['n']} ({paper['frames']}) of {paper['cases']} cases"], ["rule", paper["rule"]],
+            ["F1", paper["f1"]], ["precision", paper["precision"]], ["recall", paper["recall"]],
+            ["specificity", paper["specificity"]], ["accuracy", paper["accuracy"]],
+            ["TP / FP / FN / TN", f"{paper['tp']} / {paper['fp']} / {paper['fn']} / {paper['tn']}"]]
+    if paper["pixel_f_score"] is not None:
+        rows.append(["pixel F-score (the paper's SEG Dice, pooled)", paper["pixel_f_score"]])
+    return head + _table(["metric", "value"], rows)
 
 
 def _confusion_html(frame: dict) -> str:

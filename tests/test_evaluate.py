@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from conftest import REFERENCE_FOV_MASK
 
 from fetaliqa import challenge, layout
-from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.archive import list_cases, read_circumferences, read_image_stack
 from fetaliqa.report import evaluate
 from fetaliqa.score import ledger, schema
 
@@ -168,6 +168,56 @@ def test_the_challenges_own_metrics_of_the_hand_made_seg_run(hand_archive, tmp_p
                                      "nae_ac": pytest.approx((alpha["nae_ac"] + 1) / 2), "score": None}
 
 
+def nearest_count(lo: int, hi: int, side: int = W, size: int = 224) -> int:
+    """How many of `size` output rows (or columns) sample padded rows lo..hi-1 of a `side`-px square: output
+    i samples floor((i + 0.5) * side / size), nearest-neighbour resizing (`preprocess.mask_to_model`)."""
+    return sum(lo <= (2 * i + 1) * side // (2 * size) < hi for i in range(size))
+
+
+def test_paper_comparable_frame_metrics_of_the_hand_made_seg_run(hand_archive, tmp_path):
+    scores = str(tmp_path / "scores")
+    write_run(scores, hand_archive)
+    paper = evaluate(scores, str(hand_archive)).metrics["frame_metrics_paper"]
+    # AC sweeps: alpha's sweep 3 (frames 4, 5), beta's sweep 1 (frames 0, 1); gamma-epsilon are not evaluated.
+    # Truth at 224 x 224: alpha 4, alpha 5, beta 1 (beta 0 unannotated). SEG rule: score > 0.01, and every
+    # hand-made score is >= 0.1, so all four are predicted: TP 3, FP 1 (beta 0).
+    assert (paper["n"], paper["cases"], paper["positives"]) == (4, 2, 3)
+    assert (paper["tp"], paper["fp"], paper["fn"], paper["tn"]) == (3, 1, 0, 0)
+    assert paper["rule"] == "predicted mask > 1% of the 224 x 224 image"
+    # Pixels at 224: frames 20 x 30 pad to 30 x 30 (5 rows on top), so image rows r..s are padded rows r+5..s+5.
+    # Predicted masks exist for the run's positive frames only (alpha 4: rows 5-9, cols 5-9 inside its truth
+    # rows 5-9, cols 5-14; alpha 5: rows 5-14, cols 5-14 equal to the truth); beta 1 (score 0.3) has no mask.
+    tp = nearest_count(10, 15) * nearest_count(5, 10) + nearest_count(10, 20) * nearest_count(5, 15)
+    fn = nearest_count(10, 15) * nearest_count(10, 15) + nearest_count(7, 11) * nearest_count(2, 6)
+    assert paper["pixel_f_score"] == pytest.approx(2 * tp / (2 * tp + fn))
+
+
+def test_paper_comparable_frame_metrics_of_a_cls_run_use_a_strict_half(hand_archive, tmp_path, monkeypatch):
+    monkeypatch.setitem(SCORES["beta"], 0, 0.5)  # the run calls it positive (>= 0.5), the paper's rule not
+    scores = str(tmp_path / "scores")
+    write_run(scores, hand_archive, seg=False)
+    m = evaluate(scores, str(hand_archive)).metrics
+    paper = m["frame_metrics_paper"]
+    # alpha 4 (0.9) and 5 (0.7) found, beta 1 (0.3) missed, beta 0 (0.5, unannotated) not flagged
+    assert (paper["tp"], paper["fp"], paper["fn"], paper["tn"]) == (2, 0, 1, 1)
+    assert paper["f1"] == pytest.approx(0.8) and paper["pixel_f_score"] is None and paper["rule"] == "score > 0.5"
+    assert m["frame_metrics"]["fp"] == 2  # the all-frames table keeps the run's own decisions: alpha 0, beta 0
+
+
+def test_without_the_csv_the_paper_table_is_null_and_says_why(hand_archive, tmp_path):
+    archive = tmp_path / "archive"
+    for folder in (layout.IMAGES_DIR, layout.MASKS_DIR):
+        (archive / folder).mkdir(parents=True)
+        for file in (hand_archive / folder).iterdir():
+            (archive / folder / file.name).symlink_to(file)  # symlinked data is listed like files
+    scores = str(tmp_path / "scores")
+    write_run(scores, archive)
+    m = evaluate(scores, str(archive)).metrics
+    assert m["frame_metrics_paper"] is None
+    assert any("paper-comparable frame metrics not computed" in note for note in m["run"]["notes"])
+    assert m["frame_metrics"]["n"] == 24  # the all-frames table does not need the csv
+
+
 def test_a_fov_mask_file_is_used_for_every_case_and_named(hand_archive, tmp_path, capsys):
     scores, out = str(tmp_path / "scores"), tmp_path / "report"
     write_run(scores, hand_archive)
@@ -239,6 +289,12 @@ def test_scoring_then_evaluating_a_synthetic_archive(ray_local, small_archive, s
     assert {"run", "frame_metrics", "per_sweep", "case_metrics", "excluded_cases", "plots"} <= set(m)
     archive_frames = sum(read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(small_archive)))
     assert m["frame_metrics"]["n"] == archive_frames == sum(s["n"] for s in m["per_sweep"])
+    # the paper's table counts the frames of the sweeps the csv gives an AC
+    acs = read_circumferences(str(small_archive))
+    ac_sweep_frames = sum(read_image_stack(c.image_uri).frames.shape[0] // 6 * sum(a is not None for a in acs[c.case_id])
+                          for c in list_cases(str(small_archive)))
+    assert 0 < m["frame_metrics_paper"]["n"] == ac_sweep_frames < archive_frames
+    assert 0 <= m["frame_metrics_paper"]["pixel_f_score"] <= 1
     assert m["run"]["task"] == "seg" and m["case_metrics"]["aggregate"]["cases"] == 4 and not m["excluded_cases"]
     for key in ("f1", "precision", "recall", "auroc", "auprc", "best_f1", "tp", "fp", "tn", "fn"):
         assert key in m["frame_metrics"]
@@ -255,6 +311,7 @@ def test_scoring_then_evaluating_a_synthetic_archive(ray_local, small_archive, s
     assert again["acouslic"] == m["acouslic"] and not again["excluded_cases"]
 
     page = (report_dir / "report.html").read_text()
+    assert "Paper-comparable frame metrics" in page
     images = re.findall(r"<img src='([^']+)'", page)
     assert "pr_curve.png" in images and len(images) == 1 + 4
     for name in images:
