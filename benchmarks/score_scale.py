@@ -31,11 +31,9 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from importlib.metadata import version
@@ -43,6 +41,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from loopback_s3 import LoopbackS3, request_kind  # noqa: E402 - the suite's own S3 endpoint, on sys.path above
 IMAGES = "images/stacked_fetal_ultrasound"
 PARTS = "_fetaliqa/parts"
 TABLES = ("frames", "cases", "errors")
@@ -63,54 +63,6 @@ class Run(NamedTuple):  # not a dataclass: tests/test_readme.py loads this file 
     files: dict[str, int]
     rss_mib: float
     requests: Counter | None = None
-
-
-class CountingS3:
-    """moto's S3 app on 127.0.0.1 (as tests/conftest.py serves it), recording (time, method, path, query)
-    for every request it answers."""
-
-    def __init__(self):
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        app = DomainDispatcherApplication(create_backend_app)
-        self.requests: list[tuple[float, str, str, str]] = []
-        self._lock = threading.Lock()
-
-        def counting(environ, start_response):
-            with self._lock:
-                self.requests.append((time.time(), environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                      environ.get("QUERY_STRING", "")))
-            return app(environ, start_response)
-
-        self._server = make_server("127.0.0.1", _free_port(), counting, threaded=True, request_handler=MotoRequestHandler)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def take(self) -> list[tuple[float, str, str, str]]:
-        """The requests recorded since the last call, and start afresh."""
-        with self._lock:
-            taken, self.requests = self.requests, []
-        return taken
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def request_kind(method: str, path: str, query: str) -> str:
-    """LIST, `<METHOD> object`, or bucket-level (path-style URLs: /bucket/key)."""
-    if method == "GET" and "list-type" in query:
-        return "LIST"
-    key = path.lstrip("/").partition("/")[2]
-    return f"{method} object" if key else "bucket-level"
 
 
 def tiny_archive(data: Path, n: int) -> Path:
@@ -215,7 +167,7 @@ def upload(fs, bucket: str, archive: Path, checkpoint: Path) -> None:
         fs.pipe({f"{bucket}/checkpoint/{path.name}": path.read_bytes()})
 
 
-def score_s3(n: int, archive: Path, checkpoint: Path, work: Path, server: CountingS3) -> Run:
+def score_s3(n: int, archive: Path, checkpoint: Path, work: Path, server: LoopbackS3) -> Run:
     import s3fs
 
     options = {"client_kwargs": {"endpoint_url": server.url}}
@@ -229,12 +181,12 @@ def score_s3(n: int, archive: Path, checkpoint: Path, work: Path, server: Counti
                                  work / f"s3-{n}.log")
     requests = server.take()
     run, parts, files = output_summary(out, options)
-    put_at = {path.rsplit("/", 1)[-1].removesuffix(".json"): t for t, method, path, _ in requests
-              if method == "PUT" and f"/{PARTS}/" in path}
+    put_at = {r.path.rsplit("/", 1)[-1].removesuffix(".json"): r.time for r in requests
+              if r.method == "PUT" and f"/{PARTS}/" in r.path}
     steady, first = steady_state([(put_at[part], cases) for part, cases in parts.items()], started)
     fs.rm(bucket, recursive=True)  # moto holds objects in this process's memory
     return Run(n, "S3", wall, run["seconds"], steady, first, len(parts), files, rss,
-               Counter(request_kind(m, p, q) for _, m, p, q in requests))
+               Counter(request_kind(r) for r in requests))
 
 
 def table(runs: list[Run]) -> list[str]:
@@ -283,7 +235,7 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a log line per S3 request
     work = Path(tempfile.mkdtemp(prefix="fetaliqa-scale-"))
     checkpoint = micro_checkpoint(work)
-    server = None if args.no_s3 else CountingS3()
+    server = None if args.no_s3 else LoopbackS3()
     runs = []
     try:
         for n in args.cases:

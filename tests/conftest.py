@@ -4,13 +4,12 @@ and checkpoints built with the project's own code."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from loopback_s3 import LoopbackS3
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_FOV_MASK = REPO.parent / "shared" / "reference" / "acouslic_fov_mask.mha"
@@ -25,44 +24,10 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 app served over HTTP on 127.0.0.1 (as `moto.server.ThreadedMotoServer` serves it), counting
-    every request it answers: `requests` holds (method, path, query) tuples."""
-
-    def __init__(self):
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        app = DomainDispatcherApplication(create_backend_app)
-        self.requests: list[tuple[str, str, str]] = []
-        self._lock = threading.Lock()
-
-        def counting(environ, start_response):
-            with self._lock:
-                self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                      environ.get("QUERY_STRING", "")))
-            return app(environ, start_response)
-
-        self._server = make_server("127.0.0.1", free_port(), counting, threaded=True, request_handler=MotoRequestHandler)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join()
-
-
 @pytest.fixture(scope="session")
-def s3_server() -> S3Server:
+def s3_server() -> LoopbackS3:
     """A real S3 endpoint (moto) on 127.0.0.1 for the whole session."""
-    server = S3Server()
+    server = LoopbackS3()
     yield server
     server.stop()
 

@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO
+from loopback_s3 import free_port
 
 from fetaliqa.archive import list_cases, read_image_stack
 from fetaliqa.score.schema import FRAMES, read_table

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, run_cli
+from loopback_s3 import request_kind
 
 from fetaliqa.errors import InputError
 from fetaliqa.score import ledger
@@ -93,7 +94,7 @@ def test_an_s3_prefix_is_listed_page_by_page(s3_server, s3_bucket):
     table = list_archive(f"{bucket}/prefix", {"client_kwargs": options})
 
     assert table.num_rows == 1005 and table["source"][0].as_py() == f"{bucket}/prefix/00000.mha"
-    lists = [r for r in s3_server.requests[before:] if "list-type=2" in r[2]]
+    lists = [r for r in s3_server.requests[before:] if "list-type=2" in r.query]
     assert len(lists) == 1 + 2  # the ACOUSLIC images/ folder looked for, then two pages of 1,000 keys
 
 
@@ -113,7 +114,7 @@ def test_object_store_requests_stay_within_two_per_case(ray_local, s3_server, s3
                            "--output", f"{bucket}/scores", "--storage-options", storage_options]) == 0
 
     requests = s3_server.requests[before:]
-    kinds = Counter(_kind(r) for r in requests)
+    kinds = Counter(request_kind(r) for r in requests)
     print(f"object-store requests for 200 cases: {len(requests)} ({dict(kinds)})")
     assert len(requests) <= 2 * 200, f"{len(requests)} requests for 200 cases: {dict(kinds)}"
     assert kinds["GET object"] >= 200 and kinds["HEAD object"] < 20, dict(kinds)
@@ -121,16 +122,6 @@ def test_object_store_requests_stay_within_two_per_case(ray_local, s3_server, s3
     s3 = {"client_kwargs": options}
     assert read_table(f"{bucket}/scores", CASES, s3).num_rows == 200
     assert read_table(f"{bucket}/scores", FRAMES, s3).num_rows == 200 * 6
-
-
-def _kind(request: tuple[str, str, str]) -> str:
-    method, path, query = request
-    is_bucket = path.strip("/").count("/") == 0
-    if method == "GET" and "list-type" in query:
-        return "LIST"
-    if method == "PUT" and is_bucket:
-        return "create bucket"
-    return f"{method} {'bucket' if is_bucket else 'object'}"
 
 
 def uninterrupted_scores(archive: Path, checkpoint: str) -> dict[tuple[str, int], float]:

@@ -84,6 +84,6 @@ def read_table(output_url: str, table: str, storage_options: StorageOptions = No
     files = committed_files(output_url, table, storage_options)
     if not files:
         return schema.empty_table()
-    fs, _ = storage.filesystem(output_url, storage_options)
-    paths = [storage.filesystem(storage.join(output_url, f), storage_options)[1] for f in files]
+    fs, root = storage.filesystem(output_url, storage_options)
+    paths = [f"{root}/{f}" for f in files]  # the ledger's names are relative, '/'-separated
     return ds.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table()
