@@ -218,6 +218,28 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None) -> Stack:
     return Stack(frames=frames, spacing_mm=(float(spacing[1]), float(spacing[0])), source=uri)
 
 
+# The headers of the stacked formats come first and are short (a MetaImage header is ~400 bytes, NIfTI's
+# 348); 64 KiB covers any with long metadata, so the header costs one small ranged GET, not the image.
+HEADER_BYTES = 1 << 16
+
+
+def read_image_geometry(uri: str, storage_options: StorageOptions = None) -> tuple[tuple[int, int, int], tuple[float, float]]:
+    """(T, H, W) and (row, col) spacing in mm of a stacked image, from its header alone: the first
+    `HEADER_BYTES` of a remote object (the whole object only when its header is longer). Raises the
+    storage errors, `NotAnImageError`/`TruncatedFileError` for an unreadable header and `BadShapeError`
+    for an image that is not 3-D, each naming `uri`."""
+    try:
+        with storage.local_copy(uri, storage_options, max_bytes=HEADER_BYTES) as local:
+            reader = _read_header(local, uri)
+    except TruncatedFileError:
+        with storage.local_copy(uri, storage_options) as local:
+            reader = _read_header(local, uri)
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    if len(size) != 3:
+        raise BadShapeError(uri, f"{len(size)}-D image of shape {_shape_text(size[::-1])}; expected a (T, H, W) stack")
+    return tuple(size[::-1]), (float(spacing[1]), float(spacing[0]))
+
+
 def read_mask_stack(uri: str, image: Stack | None = None, storage_options: StorageOptions = None) -> np.ndarray:
     """Read the mask stack of `image` (or a mask alone when `image` is None): ``(T, H, W)`` uint8, {0, 1, 2}.
 

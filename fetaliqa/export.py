@@ -28,6 +28,7 @@ import pyarrow as pa
 import SimpleITK as sitk
 
 from fetaliqa import storage
+from fetaliqa.archive import read_image_geometry
 from fetaliqa.errors import InputError
 from fetaliqa.score.schema import CASES, FRAMES, read_table
 from fetaliqa.storage import StorageOptions
@@ -121,21 +122,6 @@ def write_prediction(root_url: str, case_id: str, frame: int, mask: np.ndarray, 
     storage.put_object(fs, f"{path}/{FRAME_NUMBER}", json.dumps(int(frame)).encode(), local_fs)
 
 
-def _image_geometry(uri: str, storage_options: StorageOptions) -> tuple[tuple[int, int, int], tuple[float, float]]:
-    """(T, H, W) and (row, col) spacing in mm of a stacked image, from its header."""
-    with storage.local_copy(uri, storage_options) as local:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(local)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as err:
-            raise InputError(uri, "SimpleITK cannot read its header") from err
-    size, spacing = reader.GetSize(), reader.GetSpacing()
-    if len(size) != 3:
-        raise InputError(uri, f"{len(size)}-D image; expected a (T, H, W) stack")
-    return tuple(size[::-1]), (float(spacing[1]), float(spacing[0]))
-
-
 def export_run(scores_url: str, output_url: str, storage_options: StorageOptions = None) -> dict:
     """Write every case in cases/ of a `fetaliqa score` run as challenge-format predictions under
     `output_url` (cases in errors/ have no prediction and are not written). Returns {"task": "seg"|"cls",
@@ -152,7 +138,7 @@ def export_run(scores_url: str, output_url: str, storage_options: StorageOptions
         rows = grouped.get(case_id)
         if rows is None or not np.array_equal(rows["frame"], np.arange(n)):
             raise InputError(scores_url, f"case {case_id}: frames/ does not hold frames 0..{n - 1}")
-        shape, spacing = _image_geometry(case["source"], so)
+        shape, spacing = read_image_geometry(case["source"], so)
         if shape[0] != n:
             raise InputError(case["source"], f"{shape[0]} frames; the run scored {n}")
         try:

@@ -57,13 +57,13 @@ def describe_io_error(url: str, err: BaseException) -> InputError:
 
 
 @contextlib.contextmanager
-def local_copy(url: str, storage_options: StorageOptions = None) -> Iterator[str]:
-    """Yield a local file path holding the object at `url`.
+def local_copy(url: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> Iterator[str]:
+    """Yield a local file path holding the object at `url` (its first `max_bytes` bytes when given).
 
     SimpleITK reads only local files, so remote objects are downloaded to a temporary file that is
-    removed on exit, with one request (a GET; no HEAD first: at archive scale every request a case
-    costs counts); local files are yielded as they are. Raises `MissingObjectError` or
-    `EmptyFileError` (naming `url`) before yielding.
+    removed on exit, with one request (a GET, ranged with `max_bytes`; no HEAD first: at archive scale
+    every request a case costs counts); local files are yielded as they are, whole. Raises
+    `MissingObjectError` or `EmptyFileError` (naming `url`) before yielding.
     """
     fs, path = filesystem(url, storage_options)
     if is_local(url):
@@ -79,7 +79,11 @@ def local_copy(url: str, storage_options: StorageOptions = None) -> Iterator[str
     with tempfile.TemporaryDirectory(prefix="fetaliqa-") as tmp:
         local = os.path.join(tmp, "object" + suffix)
         try:
-            fs.get_file(path, local)
+            if max_bytes is None:
+                fs.get_file(path, local)
+            else:
+                with open(local, "wb") as f:
+                    f.write(fs.cat_file(path, start=0, end=max_bytes))
         except Exception as err:  # noqa: BLE001 - every backend raises its own types
             raise describe_io_error(url, err) from err
         if not os.path.exists(local) or os.path.getsize(local) == 0:

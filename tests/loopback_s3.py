@@ -15,6 +15,7 @@ class Request(NamedTuple):
     method: str
     path: str  # path-style: /bucket/key
     query: str
+    range: str  # the Range header of a ranged GET ("bytes=0-65535"), else ""
 
 
 def free_port() -> int:
@@ -48,7 +49,7 @@ class LoopbackS3:
         def counting(environ, start_response):
             with self._lock:
                 self.requests.append(Request(time.time(), environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                             environ.get("QUERY_STRING", "")))
+                                             environ.get("QUERY_STRING", ""), environ.get("HTTP_RANGE", "")))
             return app(environ, start_response)
 
         self._server = make_server("127.0.0.1", free_port(), counting, threaded=True, request_handler=MotoRequestHandler)

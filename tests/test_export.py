@@ -12,6 +12,8 @@ import SimpleITK as sitk
 from test_evaluate import GT, PRED_MASKS, H, T, W, hand_archive, write_run  # noqa: F401 (hand_archive: a fixture)
 
 from fetaliqa import challenge, cli
+from fetaliqa.archive import HEADER_BYTES, read_image_geometry
+from fetaliqa.errors import NotAnImageError
 from fetaliqa.export import FRAME_NUMBER, SEGMENTATION, PredictionError, read_prediction
 from jobs import evaluate as evaluate_job
 from jobs import export as export_job
@@ -178,3 +180,26 @@ def test_the_command_line_asks_for_one_source_and_an_output(hand_archive, tmp_pa
     assert len(err) == 1 and f"{missing}: no such file or object" in err[0]
     assert export_job.main(["--scores", str(missing), "--output", str(tmp_path / "p")]) == 2
     assert "no scored case to export" in capsys.readouterr().err
+
+
+def test_image_geometry_costs_one_ranged_get_not_the_image(s3_server, s3_bucket, tmp_path):
+    """Export needs each case's (T, H, W) and spacing: the header, fetched by one ranged GET."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    stack = np.random.default_rng(0).integers(0, 255, (12, 300, 400), dtype=np.uint8)  # ~1.4 MB, incompressible
+    image = sitk.GetImageFromArray(stack)
+    image.SetSpacing((0.3, 0.25, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "case.mha"), True)
+    s3fs.S3FileSystem(client_kwargs=options, skip_instance_cache=True).put(str(tmp_path / "case.mha"),
+                                                                           f"{bucket}/case.mha")
+    before = len(s3_server.requests)
+
+    shape, spacing = read_image_geometry(f"{bucket}/case.mha", {"client_kwargs": options})
+
+    assert shape == (12, 300, 400) and spacing == pytest.approx((0.25, 0.3))
+    requests = s3_server.requests[before:]
+    assert [(r.method, r.range) for r in requests] == [("GET", f"bytes=0-{HEADER_BYTES - 1}")]
+    with pytest.raises(NotAnImageError, match="not-an-image.mha: not an image"):
+        (tmp_path / "not-an-image.mha").write_text("hello")
+        read_image_geometry(str(tmp_path / "not-an-image.mha"))
