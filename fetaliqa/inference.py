@@ -78,7 +78,7 @@ class FrameModel:
                 masks = torch.empty(shape, dtype=torch.uint8 if packed_masks else torch.bool, device=self.device)
             for start in range(0, n, self.batch_size):
                 chunk = slice(start, start + self.batch_size)
-                output = self.model(self._model_input(pixels[chunk]))
+                output = self.model(self.model_input(pixels[chunk]))
                 scores[chunk] = self.model.frame_scores(output)
                 if masks is not None:
                     positive = output.squeeze(1) > 0  # logit > 0 <=> p > 0.5
@@ -102,7 +102,7 @@ class FrameModel:
         # The caching host allocator keeps `host` alive until this copy has run, though it leaves scope.
         return host.to(self.device, non_blocking=True)
 
-    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, S, S) uint8 on the device -> (B, 3, S, S) in `dtype` and memory format of the model."""
         x = normalize_frames(pixels, self.mean, self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
