@@ -39,28 +39,28 @@ def frames(small_archive) -> np.ndarray:
 
 
 def test_bf16_cls_scores_stay_within_tolerance_of_float32(cls_checkpoint, frames):
-    picked = frames[::12]  # 4 frames, with and without the abdomen
+    picked = frames[[0, 30]]  # without and with the abdomen
     reference = FrameModel(cls_checkpoint)
     bf16 = FrameModel(cls_checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in reference.model.parameters()} == {torch.float32}
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}  # cast once, every weight
     expected, _ = reference(picked)
     scores, _ = bf16(picked)
-    assert scores.dtype == np.float32 and scores.shape == (4,)
+    assert scores.dtype == np.float32 and scores.shape == (2,)
     assert not np.array_equal(scores, expected)  # bf16 really ran
     np.testing.assert_allclose(scores, expected, rtol=0, atol=CLS_SCORE_TOLERANCE)
 
 
 def test_bf16_channels_last_seg_stays_within_tolerance_of_float32_nchw(seg_checkpoint, frames):
     """The configuration CUDA runs (bf16 weights, channels_last) against the float32 NCHW reference."""
-    picked = frames[[0, 30]]
+    picked = frames[30:31]  # one frame with the abdomen: bf16 convolutions are slow on this CPU
     reference = FrameModel(seg_checkpoint)
     fast = FrameModel(seg_checkpoint, dtype=torch.bfloat16, channels_last=True)
     assert fast.model.head.skip1[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert {p.dtype for p in fast.model.parameters()} == {torch.bfloat16}
     expected_scores, expected_masks = reference(picked)
     scores, masks = fast(picked)
-    assert masks.shape == (2, 224, 224) and masks.dtype == bool
+    assert masks.shape == (1, 224, 224) and masks.dtype == bool
     np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=SEG_SCORE_TOLERANCE)
     assert (masks == expected_masks).mean() >= SEG_PIXEL_AGREEMENT
 
@@ -99,10 +99,11 @@ def test_masks_are_bit_packed_as_numpy_does_it(seg_checkpoint, frames):
         assert packed.dtype == torch.uint8
         np.testing.assert_array_equal(packed.numpy(), np.packbits(masks.reshape(len(masks), -1), axis=1))
     model = FrameModel(seg_checkpoint)
-    scores, masks = model(frames[:3])
-    packed_scores, packed = model(frames[:3], packed_masks=True)
+    scores, masks = model(frames[29:31])
+    packed_scores, packed = model(frames[29:31], packed_masks=True)
+    assert masks.any()  # something to pack
     np.testing.assert_array_equal(packed_scores, scores)
-    np.testing.assert_array_equal(packed, np.packbits(masks.reshape(3, -1), axis=1))
+    np.testing.assert_array_equal(packed, np.packbits(masks.reshape(2, -1), axis=1))
 
 
 def test_concurrent_calls_score_as_sequential_ones(cls_checkpoint, frames):
