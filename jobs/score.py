@@ -36,7 +36,8 @@ def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (local path or fsspec URL)")
     parser.add_argument("--output", required=True, help="output folder (local path or fsspec URL)")
     parser.add_argument("--actors", type=int, default=1, help="predictor actors (model replicas)")
-    parser.add_argument("--batch-size", type=int, default=32, help="frames per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="frames per forward pass (default: 256 on a GPU, 32 on CPU, chosen by each actor)")
     parser.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per predictor actor (0: CPU)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per predictor actor")
     parser.add_argument("--cases-per-file", type=int, default=None,
@@ -69,7 +70,7 @@ def score(args: argparse.Namespace) -> int:
         ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY)
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
                                                                 "batch_size": args.batch_size, "storage_options": so},
-                            batch_size=None, compute=ray.data.ActorPoolStrategy(size=args.actors),
+                            batch_size=None, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
                             num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
         ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
                             batch_size=1, batch_format="numpy", num_cpus=WRITE_TASK_CPUS)
@@ -83,6 +84,16 @@ def score(args: argparse.Namespace) -> int:
     record.write_record(args.output, run, so)
     print(record.summary_line(run), flush=True)
     return 0
+
+
+def predictor_pool(actors: int, gpus_per_actor: float) -> ray.data.ActorPoolStrategy:
+    """`actors` predictor actors. A GPU actor runs two calls at once, each on its own CUDA stream
+    (`FrameModel`): one case's copies and Ray's host work overlap the other's compute, so the GPU is fed.
+    A CPU actor runs one: two would share its cores."""
+    if gpus_per_actor > 0:
+        return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
+                                          enable_true_multi_threading=True)
+    return ray.data.ActorPoolStrategy(size=actors)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.score") -> int:

@@ -17,7 +17,8 @@ from fetaliqa.models import LoraSpec, build_model, load_checkpoint
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.score.schema import FRAMES, read_table
 from fetaliqa.training.data import case_items, read_frames
-from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, cls_loss, run_epoch, train_loop_per_worker
+from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, train_loop_per_worker
+from fetaliqa.training.step import cls_loss, run_epoch
 from fetaliqa.training.protocol import load_split
 
 from jobs import score as score_job

@@ -1,6 +1,7 @@
 """Heads on the image tower: a linear classifier (CLS) and a UNETR-style mask decoder (SEG).
 
-Shapes: images (N, 3, S, S) float32; patch tokens (N, D, g, g) with g = S / patch (16 for 224 / 14).
+Shapes: images (N, 3, S, S) float32 (bf16 when scoring on CUDA, in channels_last: `FrameModel`); patch
+tokens (N, D, g, g) with g = S / patch (16 for 224 / 14).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Training on Ray Train with the paper's protocol.
 
 protocol (split, AC sweeps, labels) -> data (Ray Data frames; augment on the fly) -> loop (per-worker DDP
-loop, checkpoints) -> evaluate (threshold, test metrics) -> outputs (what lands under --output).
+loop, checkpoints; its step and losses are `step`, which needs no Ray) -> evaluate (threshold, test
+metrics) -> outputs (what lands under --output).
 The recipe that strings them together is `jobs/train.py`.
 """

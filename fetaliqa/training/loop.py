@@ -20,13 +20,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConsistencyMode
 from safetensors.torch import load_file
 
 from fetaliqa.models import DEFAULT_THRESHOLD, build_model, checkpoint_tensors, save_checkpoint
 from fetaliqa.models.checkpoint import WEIGHTS_FILE
-from fetaliqa.models.normalize import normalize_frames
+from fetaliqa.training.step import LOSSES, run_epoch
 
 TRAIN_STATE_FILE = "train_state.pt"
 # Fault injection for tests: a marker path. When set and the file is absent, the last rank creates it and
@@ -76,55 +75,6 @@ def train_loop_per_worker(config: dict) -> None:
         report(metrics, model, preprocess, optimizer, rank)
         if epoch == start:
             _maybe_die_once(cfg.fault_marker, rank, world)
-
-
-def run_epoch(model: torch.nn.Module, loss_fn, batches, preprocess, device: torch.device,
-              optimizer: torch.optim.Optimizer | None = None) -> float:
-    """One pass over `batches`; a training step per batch when `optimizer` is given.
-
-    Returns the mean per-frame loss over every worker's frames (an all-reduce of sums and counts); NaN when
-    no worker saw a frame. bf16 autocast on CUDA; the loss itself is computed in float32.
-    """
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, frames)
-    for batch in batches:
-        images = normalize_frames(batch["image"], preprocess.mean, preprocess.std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            output = model(images)
-        losses = loss_fn(output.float(), batch)
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-            losses.mean().backward()  # DDP averages the gradients of equal-sized per-worker batches
-            optimizer.step()
-        total[0] += losses.detach().double().sum()
-        total[1] += len(losses)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-
-
-def cls_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """BCE with logits per frame: logits (B,) float32, batch["label"] (B,) -> (B,) float32."""
-    return F.binary_cross_entropy_with_logits(logits, batch["label"].float(), reduction="none")
-
-
-def seg_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss plus pixel BCE, per frame: logits (B, 1, S, S) float32, batch["mask"] (B, S, S) -> (B,).
-
-    Dice is computed per frame (not over the batch) so that the mean over a global batch is the mean of the
-    workers' means, as DDP assumes. Per-frame Dice barely penalises a few false-positive pixels on a frame
-    without an abdomen (its gradient there is ~1 / (area + 1)^2); the BCE term does, and most frames have
-    none. `smooth` makes an empty target with an empty prediction a loss of 0.
-    """
-    logits = logits.squeeze(1)
-    target = batch["mask"].float()
-    prob = torch.sigmoid(logits).flatten(1)
-    flat = target.flatten(1)
-    dice = 1 - (2 * (prob * flat).sum(1) + smooth) / (prob.sum(1) + flat.sum(1) + smooth)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
-    return dice + bce
-
-
-LOSSES = {"cls": cls_loss, "seg": seg_loss}
 
 
 def replica_checksums(model: torch.nn.Module) -> list[float]:
