@@ -92,6 +92,27 @@ def seg_checkpoint(tmp_path_factory) -> str:
     return _checkpoint(tmp_path_factory, "seg")
 
 
+def _scored(tmp_path_factory, archive: Path, checkpoint: str, name: str) -> str:
+    from jobs import score as score_job
+
+    out = str(tmp_path_factory.mktemp(name) / "scores")
+    assert score_job.main(["--input", str(archive), "--checkpoint", checkpoint, "--output", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def cls_scores(ray_local, tmp_path_factory, small_archive, cls_checkpoint) -> str:
+    """`jobs.score` output of `small_archive` with `cls_checkpoint`, default flags: one run shared by the tests
+    that only read it (each scoring run costs the suite ~15 s of Ray Data and actor start-up). Do not write to it."""
+    return _scored(tmp_path_factory, small_archive, cls_checkpoint, "cls-scores")
+
+
+@pytest.fixture(scope="session")
+def seg_scores(ray_local, tmp_path_factory, small_archive, seg_checkpoint) -> str:
+    """The same with `seg_checkpoint`. Do not write to it."""
+    return _scored(tmp_path_factory, small_archive, seg_checkpoint, "seg-scores")
+
+
 def damage_state_dict(state: dict, key: str, damage: str) -> dict:
     """`state` with `key` removed, renamed (an 's' appended) or reshaped (one row short), in place."""
     if damage == "remove":

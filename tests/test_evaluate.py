@@ -21,7 +21,6 @@ from fetaliqa.score import ledger, schema
 
 from jobs import evaluate as evaluate_job
 from jobs import export as export_job
-from jobs import score as score_job
 
 T, H, W = 12, 20, 30  # 6 sweeps of 2 frames: sweep s (1-based) holds frames 2(s-1) and 2(s-1)+1
 
@@ -280,9 +279,8 @@ def test_nothing_to_evaluate_is_a_one_line_error(hand_archive, tmp_path, capsys)
     assert len(err) == 1 and "no scored case could be evaluated" in err[0] and "not_scored" in err[0]
 
 
-def test_scoring_then_evaluating_a_synthetic_archive(ray_local, small_archive, seg_checkpoint, tmp_path):
-    scores, report_dir = str(tmp_path / "scores"), tmp_path / "report"
-    assert score_job.main(["--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", scores]) == 0
+def test_scoring_then_evaluating_a_synthetic_archive(small_archive, seg_scores, tmp_path):
+    scores, report_dir = seg_scores, tmp_path / "report"
     assert evaluate_job.main(["--scores", scores, "--data", str(small_archive), "--output", str(report_dir)]) == 0
 
     m = json.loads((report_dir / "metrics.json").read_text())

@@ -66,13 +66,11 @@ def test_the_readme_benchmark_commands_parse():
         module.build_parser().parse_args(words[2:])
 
 
-def test_the_readme_snippets_read_a_real_scoring_output(ray_local, small_archive, cls_checkpoint, tmp_path):
+def test_the_readme_snippets_read_a_real_scoring_output(cls_scores):
     """The "Reading the outputs" snippet (pyarrow, pandas, DuckDB) runs as written on a real run's output."""
     from fetaliqa.score.schema import CASES, FRAMES, read_table
-    from jobs import score as score_job
 
-    out = str(tmp_path / "scores")
-    assert score_job.main(["--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", out]) == 0
+    out = cls_scores
     snippets = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert snippets, "the README shows no Python snippet"
     scope = {"out": out}
