@@ -128,6 +128,17 @@ class Instance:
 # ---------------------------------------------------------------------------------------------- headers
 
 
+def is_dicom_candidate(name: str) -> bool:
+    """Whether a file name may be DICOM, to be confirmed by its 'DICM' marker: a `DICOM_SUFFIXES` name, a name
+    without suffix (``IM000001``), or one whose last dotted part is a number (a UID such as ``1.2.840.1.7``).
+    Other names (``notes.txt``, ``scores.csv``) are not DICOM candidates."""
+    lower = name.lower()
+    if lower.endswith(DICOM_SUFFIXES):
+        return True
+    stem, dot, suffix = lower.rpartition(".")
+    return not dot or not stem or suffix.isdigit()
+
+
 def has_dicom_magic(head: bytes) -> bool:
     """Whether `head` (a file's first 132 bytes or more) holds 'DICM' after the 128-byte preamble."""
     return head[MAGIC_OFFSET:MAGIC_OFFSET + len(MAGIC)] == MAGIC
