@@ -98,7 +98,7 @@ def encode_sweep(case: SyntheticCase, number: int, sweep: int, frames_per_sweep:
     frames = case.image[(sweep - 1) * frames_per_sweep: sweep * frames_per_sweep]
     text = f"FETALIQA SYNTH {number:04d} SWEEP {sweep} MI 0.9 TIS 0.2"
     canvas = burn_in(frames, text, colour=photometric == "RGB")
-    ds = _instance_dataset(case, sweep, canvas, photometric)
+    ds = instance_dataset(case, sweep, canvas, photometric)
     if syntax.is_encapsulated:
         ds.compress(syntax, canvas, generate_instance_uid=False)
     else:
@@ -127,7 +127,7 @@ def burn_in(frames: np.ndarray, text: str, colour: bool) -> np.ndarray:
     return canvas
 
 
-def _instance_dataset(case: SyntheticCase, sweep: int, canvas: np.ndarray, photometric: str) -> Dataset:
+def instance_dataset(case: SyntheticCase, sweep: int, canvas: np.ndarray, photometric: str) -> Dataset:
     study = study_uid_of(case.case_id)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
