@@ -66,6 +66,10 @@ from fetaliqa.storage import StorageOptions
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MAGIC_OFFSET, MAGIC = 128, b"DICM"  # the 128-byte preamble, then 'DICM' (PS3.10 7.1)
 
+# A header read fetches blocks of this size: one ranged GET holds an ultrasound header (a few KB, the
+# Sequence of Ultrasound Regions included), where fsspec's default block (5 MB on S3) would fetch frames too.
+_HEADER_BLOCK = 1 << 18
+
 SUPPORTED_TRANSFER_SYNTAXES = (
     ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
@@ -160,7 +164,7 @@ def read_dicom_header(uri: str, storage_options: StorageOptions = None) -> Insta
     """
     fs, path = storage.filesystem(uri, storage_options)
     try:
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb", block_size=_HEADER_BLOCK) as f:
             ds = _parse(f, uri, stop_before_pixels=True)
     except InputError:
         raise

@@ -15,13 +15,15 @@ from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FR
 def part_tables(scored: list[str], failed: list[str], frames_per_case: int = 3) -> dict[str, pa.Table]:
     n = frames_per_case
     frames = pa.table({"case_id": [c for c in scored for _ in range(n)], "sweep": [1] * n * len(scored),
-                       "frame": [f for _ in scored for f in range(n)], "score": [0.5] * n * len(scored),
+                       "frame": [f for _ in scored for f in range(n)], "sop_uid": [None] * n * len(scored),
+                       "instance_frame": [None] * n * len(scored), "score": [0.5] * n * len(scored),
                        "positive": [True] * n * len(scored), "mask_area": [None] * n * len(scored),
                        "mask_png": [None] * n * len(scored), "model": ["m"] * n * len(scored),
                        "run_id": ["r"] * n * len(scored)}, schema=FRAMES_SCHEMA)
     cases = pa.table({"case_id": scored, "frames": [n] * len(scored), "positives": [n] * len(scored),
                       "best_frame": [0] * len(scored), "best_sweep": [1] * len(scored),
-                      "best_score": [0.5] * len(scored), "ac_mm": [None] * len(scored),
+                      "best_score": [0.5] * len(scored), "ac_mm": [None] * len(scored), "sweeps": [6] * len(scored),
+                      "note": [None] * len(scored),
                       "source": [f"{c}.mha" for c in scored], "run_id": ["r"] * len(scored)}, schema=CASES_SCHEMA)
     errors = pa.table({"case_id": failed, "source": [f"{c}.mha" for c in failed], "error": ["truncated"] * len(failed),
                        "message": [f"{c}.mha: cut" for c in failed], "run_id": ["r"] * len(failed)},
