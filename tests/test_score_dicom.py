@@ -125,3 +125,24 @@ def test_one_run_scores_the_mixed_folder(ray_local, mixed, cls_checkpoint, tmp_p
         np.testing.assert_allclose(got, [score_of[(case_id, f)] for f in range(6 * K)], rtol=0, atol=1e-5)
     run = json.loads((Path(out) / "run.json").read_text())
     assert len(run["notes"]) == 1 and "single-frame" in run["notes"][0]
+
+
+def test_an_s3_prefix_of_dicom_is_listed_from_headers_alone(mixed, s3_server, s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs=options, skip_instance_cache=True)
+    files = [p for p in mixed["folder"].iterdir() if not p.name.endswith((".mha", ".txt"))]
+    fs.pipe({f"{bucket}/dicom/{p.name}": p.read_bytes() for p in files})
+    before = len(s3_server.requests)
+
+    table = list_archive(f"{bucket}/dicom", {"client_kwargs": options})
+
+    assert set(table["case_id"].to_pylist()) == {mixed["a"], mixed["b"], mixed["c"], "notes.dcm", "2.25.42"}
+    reads = [r for r in s3_server.requests[before:] if "list-type" not in r[2]]
+    per_file: dict[str, list[str]] = {}
+    for method, path, _ in reads:
+        per_file.setdefault(path.rsplit("/", 1)[-1], []).append(method)
+    # Per file a HEAD (s3fs learns the size) and one ranged GET of 256 KiB that holds the header (these small
+    # files whole); the prefix itself gets one HEAD (a name without suffix might be one DICOM file).
+    assert per_file == {"dicom": ["HEAD"]} | {p.name: ["HEAD", "GET"] for p in files}
