@@ -82,12 +82,16 @@ def best_seconds(read, repeats: int) -> float:
     return min(times)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames-per-sweep", type=int, default=140)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="benchmarks/RESULTS-dicom.md")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     k = args.frames_per_sweep
     n = layout.SWEEPS_PER_CASE * k
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
