@@ -60,6 +60,24 @@ def test_resume_deletes_uncommitted_files_and_releases_failed_cases(tmp_path):
     assert ledger.resume(out).scored == {"a"}  # idempotent
 
 
+def test_resume_keeps_the_error_rows_of_bad_instances_of_scored_studies(tmp_path):
+    """A part scored study "s" (one of its instance files, "bad.dcm", failed) and failed case "f": a retry of "f"
+    must not lose the row of "bad.dcm", whose study is complete and will not be read again."""
+    out = str(tmp_path / "out")
+    tables = part_tables(["s"], ["f"])
+    tables[ERRORS] = pa.concat_tables([tables[ERRORS], pa.table(
+        {"case_id": ["bad.dcm"], "source": ["bad.dcm"], "error": ["truncated"], "message": ["bad.dcm: cut"],
+         "run_id": ["r"]}, schema=ERRORS_SCHEMA)])
+    ledger.write_part(out, "r-000000", tables, ["s"], ["f"])
+
+    state = ledger.resume(out)
+
+    assert state.scored == {"s"} and state.retried == 1
+    assert read_table(out, ERRORS)["case_id"].to_pylist() == ["bad.dcm"]
+    assert [p.name for p in (tmp_path / "out" / "errors").iterdir()] == ["r-000000-kept.parquet"]
+    assert ledger.resume(out).retried == 0 and read_table(out, ERRORS)["case_id"].to_pylist() == ["bad.dcm"]
+
+
 def test_reset_removes_every_table_the_ledger_and_the_run_record(tmp_path):
     out = str(tmp_path / "out")
     ledger.write_part(out, "r-000000", part_tables(["a"], ["b"]), ["a"], ["b"])

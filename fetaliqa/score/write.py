@@ -123,8 +123,11 @@ class PartWriter(Datasink):
         scored = rows.filter(pc.equal(rows["error"], ""))
         tables = {FRAMES: self._frames(scored), CASES: self._cases(scored), ERRORS: self._errors(failed, rows)}
         part = f"{self.run_id}-{ctx.task_idx:06d}"
-        ledger.write_part(self.output, part, tables, scored["case_id"].to_pylist(), failed["case_id"].to_pylist(),
-                          self.storage_options)
+        # A failed study's bad instances are retried with it: their rows go with its id, not with the rows kept
+        # on a retry (bad instances of studies this part scored, which are not read again).
+        retried = failed["case_id"].to_pylist() + [_error_case_id(source) for text in failed["instance_errors"].to_pylist()
+                                                   for source, _, _ in json.loads(text or "[]")]
+        ledger.write_part(self.output, part, tables, scored["case_id"].to_pylist(), retried, self.storage_options)
         tally = {"part": part, "cases": scored.num_rows, "failed": failed.num_rows,
                  "frames": tables[FRAMES].num_rows, "positives": int(pc.sum(scored["positives"]).as_py() or 0)}
         if self.progress is not None:
@@ -162,10 +165,15 @@ class PartWriter(Datasink):
         for text in rows["instance_errors"].to_pylist():
             for source, kind, message in json.loads(text or "[]"):
                 for name, value in zip(("case_id", "source", "error", "message"),
-                                       (posixpath.basename(source.rstrip("/")), source, kind, message)):
+                                       (_error_case_id(source), source, kind, message)):
                     columns[name].append(value)
         n = len(columns["case_id"])
         return pa.table({**columns, "run_id": pa.repeat(self.run_id, n)}, schema=ERRORS_SCHEMA)
+
+
+def _error_case_id(source: str) -> str:
+    """The `errors/` case id of a bad instance of a DICOM study: its file name."""
+    return posixpath.basename(source.rstrip("/"))
 
 
 def _png(mask: np.ndarray) -> bytes:
