@@ -160,7 +160,8 @@ class PartWriter(Datasink):
         return pa.table({**columns, "run_id": pa.repeat(self.run_id, scored.num_rows)}, schema=CASES_SCHEMA)
 
     def _errors(self, failed: pa.Table, rows: pa.Table) -> pa.Table:
-        """The failed cases' rows, then one row per failed instance of any study in `rows` (keyed by file name)."""
+        """The failed cases' rows and one row per failed instance of any study in `rows` (keyed by its file name),
+        sorted by case id."""
         columns = {name: failed[name].to_pylist() for name in ERRORS_SCHEMA.names if name != "run_id"}
         for text in rows["instance_errors"].to_pylist():
             for source, kind, message in json.loads(text or "[]"):
@@ -168,7 +169,7 @@ class PartWriter(Datasink):
                                        (_error_case_id(source), source, kind, message)):
                     columns[name].append(value)
         n = len(columns["case_id"])
-        return pa.table({**columns, "run_id": pa.repeat(self.run_id, n)}, schema=ERRORS_SCHEMA)
+        return pa.table({**columns, "run_id": pa.repeat(self.run_id, n)}, schema=ERRORS_SCHEMA).sort_by("case_id")
 
 
 def _error_case_id(source: str) -> str:
