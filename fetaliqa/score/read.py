@@ -135,8 +135,6 @@ def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[s
             if not fs.exists(path):
                 raise MissingObjectError(input_url, "no such image")
             yield input_url
-        elif is_dicom_candidate(posixpath.basename(input_url.rstrip("/"))) and fs.isfile(path):
-            yield input_url  # one DICOM file
         else:
             images = storage.join(input_url, layout.IMAGES_DIR)
             found = False
@@ -144,7 +142,12 @@ def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[s
                 found = True
                 yield source
             if not found:
-                yield from _iter_folder(fs, path, input_url)
+                for source in _iter_folder(fs, path, input_url):
+                    found = True
+                    yield source
+            # Not a folder: one DICOM file (checked last, so that listing a folder costs no extra request).
+            if not found and is_dicom_candidate(posixpath.basename(input_url.rstrip("/"))) and fs.isfile(path):
+                yield input_url
     except InputError:
         raise
     except UnicodeDecodeError as err:
@@ -180,7 +183,8 @@ def _iter_names(fs, path: str) -> Iterator[str]:
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        if entry["type"] == "file":  # not sub-folders: a name without suffix may be a DICOM file, not a folder
+        # Files only: a sub-folder's name without suffix is not a DICOM file; and `ls` of a file lists the file.
+        if entry["type"] == "file" and entry["name"].rstrip("/") != path.rstrip("/"):
             yield posixpath.basename(entry["name"].rstrip("/"))
 
 
