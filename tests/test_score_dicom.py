@@ -148,3 +148,51 @@ def test_an_s3_prefix_of_dicom_is_listed_from_headers_alone(mixed, s3_server, s3
     # Per file a HEAD (s3fs learns the size) and one GET of a 256 KiB block, which holds the header (these
     # small files whole); nothing else but the LISTs.
     assert per_file == {p.name: ["HEAD", "GET"] for p in files}
+
+
+def test_instances_of_different_sizes_keep_their_own_native_size(tmp_path):
+    """Sweep 1 at 40 x 48 and sweep 2 at 56 x 64 in one study: each is resized on its own, and a SEG mask goes
+    back to its own sweep's size (an all-ones model mask covers exactly that sweep's region)."""
+    from fetaliqa.score.write import summarise_cases
+    from fetaliqa.synth import synthetic_cases
+    from fetaliqa.synth_dicom import encode_sweep
+
+    small, large = (next(synthetic_cases(1, 2, h, w, seed=9)) for h, w in ((40, 48), (56, 64)))
+    assert small.case_id == large.case_id  # the id is drawn before the frames: one study
+    for sweep, case in ((1, small), (2, large)):
+        (tmp_path / f"{sweep}.dcm").write_bytes(encode_sweep(case, 1, sweep, 2)[1])
+    row = list_archive(str(tmp_path)).to_pylist()[0]
+    read = read_case_row(row["case_id"], row["source"], image_size=32, instances=row["instances"])
+    assert read["error"] == "" and read["images"].shape == (4, 32, 32)
+    assert [(s["height"], s["width"]) for s in json.loads(read["sweeps"])] == [(40, 48), (56, 64)]
+
+    side = 32
+    batch = {key: np.array([value]) for key, value in read.items() if key != "images"}
+    batch["scores"] = np.array([np.full(4, 0.9, np.float32)])
+    batch["masks"] = np.array([np.packbits(np.ones((4, side * side), np.uint8), axis=1)])
+    summary = summarise_cases(batch, threshold=0.5, image_size=side).to_pylist()[0]
+    assert summary["mask_area"] == [40 * 48] * 2 + [56 * 64] * 2
+    assert summary["sweep"] == [1, 1, 2, 2] and summary["instance_frame"] == [0, 1, 0, 1]
+    assert summary["sweeps"] == 2 and summary["ac_mm"] is not None and summary["note"] is None
+
+
+def test_without_spacing_ac_stays_null_and_the_case_says_why(tmp_path):
+    from fetaliqa.score.write import summarise_cases
+    from fetaliqa.synth import synthetic_cases
+    from fetaliqa.synth_dicom import encode_sweep
+
+    case = next(synthetic_cases(1, 2, 40, 48, seed=9))
+    path = tmp_path / "1.dcm"
+    path.write_bytes(encode_sweep(case, 1, 1, 2)[1])
+    ds = pydicom.dcmread(path)
+    del ds.SequenceOfUltrasoundRegions
+    ds.save_as(path, enforce_file_format=True)
+    row = list_archive(str(tmp_path)).to_pylist()[0]
+    read = read_case_row(row["case_id"], row["source"], image_size=32, instances=row["instances"])
+    assert json.loads(read["sweeps"])[0]["spacing"] is None
+    batch = {key: np.array([value]) for key, value in read.items() if key != "images"}
+    batch["scores"] = np.array([np.full(2, 0.9, np.float32)])
+    batch["masks"] = np.array([np.packbits(np.ones((2, 32 * 32), np.uint8), axis=1)])
+    summary = summarise_cases(batch, threshold=0.5, image_size=32).to_pylist()[0]
+    assert summary["ac_mm"] is None
+    assert "sweep 1: no pixel spacing" in summary["note"] and "not cropped" in summary["note"]
