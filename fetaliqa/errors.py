@@ -78,6 +78,36 @@ class CredentialsError(InputError):
     kind = "credentials"
 
 
+class NotDicomError(InputError):
+    """A file taken for DICOM (by its suffix or its place in a listing) without the 'DICM' marker at byte 128."""
+
+    kind = "not_dicom"
+
+
+class DicomHeaderError(InputError):
+    """A DICOM file whose header cannot be parsed or lacks an attribute scoring needs (e.g. StudyInstanceUID)."""
+
+    kind = "dicom_header"
+
+
+class NoPixelDataError(InputError):
+    kind = "no_pixel_data"
+
+
+class UnsupportedTransferSyntaxError(InputError):
+    kind = "unsupported_transfer_syntax"
+
+
+class UnsupportedPhotometricError(InputError):
+    kind = "unsupported_photometric"
+
+
+class StudyFailedError(InputError):
+    """Every multi-frame instance of a DICOM study failed to read (each has its own row too)."""
+
+    kind = "study_failed"
+
+
 class CheckpointError(FetaliqaError):
     """A checkpoint that is missing, corrupt, or does not fit the model it names."""
 

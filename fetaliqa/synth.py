@@ -23,6 +23,7 @@ import os
 import posixpath
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -102,21 +103,42 @@ def write_synthetic_archive(
     Timing (measured on the 2-core dev machine): one full-size case (840 x 562 x 744) renders in
     ~3.5 s; compressing and writing its two volumes (~176 MB image .mha) takes ~3.5 s more.
     """
-    _check_arguments(cases, frames_per_sweep, height, width)
     fs, root = filesystem(out_url, storage_options)
     local = is_local(out_url)
     rows, ids = [], []
     with tempfile.TemporaryDirectory(prefix="fetaliqa-synth-") as tmp:
-        for child in np.random.SeedSequence(seed).spawn(cases):
-            rng = np.random.default_rng(child)
-            case_id, subject_id = _uuid4(rng), _uuid4(rng)
-            image, mask, ac_mm = _synth_case(rng, frames_per_sweep, height, width)
-            for folder, volume in ((layout.IMAGES_DIR, image), (layout.MASKS_DIR, mask)):
-                _put_volume(fs, posixpath.join(root, folder, f"{case_id}.mha"), volume, tmp, local)
-            rows.append([case_id, subject_id] + ["" if ac is None else f"{ac:.2f}" for ac in ac_mm])
-            ids.append(case_id)
-        _put_csv(fs, posixpath.join(root, layout.CIRCUMFERENCES_CSV), rows, local)
+        for case in synthetic_cases(cases, frames_per_sweep, height, width, seed):
+            for folder, volume in ((layout.IMAGES_DIR, case.image), (layout.MASKS_DIR, case.mask)):
+                put_volume(fs, posixpath.join(root, folder, f"{case.case_id}.mha"), volume, tmp, local)
+            rows.append(case.csv_row())
+            ids.append(case.case_id)
+        put_csv(fs, posixpath.join(root, layout.CIRCUMFERENCES_CSV), rows, local)
     return ids
+
+
+@dataclass
+class SyntheticCase:
+    """One generated case: image and mask ``(T, H, W)`` uint8, and the six per-sweep ACs in mm (None: none)."""
+
+    case_id: str
+    subject_id: str
+    image: np.ndarray
+    mask: np.ndarray
+    ac_mm: list[float | None]
+
+    def csv_row(self, case_id: str | None = None) -> list[str]:
+        """The case's row of the circumferences CSV, under `case_id` when given (else its own id)."""
+        return [case_id or self.case_id, self.subject_id] + ["" if ac is None else f"{ac:.2f}" for ac in self.ac_mm]
+
+
+def synthetic_cases(cases: int, frames_per_sweep: int, height: int, width: int, seed: int) -> Iterator[SyntheticCase]:
+    """Generate the cases of `write_synthetic_archive` one at a time (the same arguments, the same cases)."""
+    _check_arguments(cases, frames_per_sweep, height, width)
+    for child in np.random.SeedSequence(seed).spawn(cases):
+        rng = np.random.default_rng(child)
+        case_id, subject_id = _uuid4(rng), _uuid4(rng)
+        image, mask, ac_mm = _synth_case(rng, frames_per_sweep, height, width)
+        yield SyntheticCase(case_id, subject_id, image, mask, ac_mm)
 
 
 def _check_arguments(cases: int, frames_per_sweep: int, height: int, width: int) -> None:
@@ -312,7 +334,7 @@ def _add_abdomen(echo: np.ndarray, mask: np.ndarray, frames: _Frames, lo: int) -
 # Output
 
 
-def _put_volume(fs, path: str, volume: np.ndarray, tmp: str, local: bool) -> None:
+def put_volume(fs, path: str, volume: np.ndarray, tmp: str, local: bool) -> None:
     """Write a (T, H, W) uint8 array as a zlib-compressed .mha with spacing (0.28, 0.28, 1.0) to
     `path` on `fs`: directly when local, else through a temporary file in `tmp`."""
     img = sitk.GetImageFromArray(volume)
@@ -329,7 +351,7 @@ def _put_volume(fs, path: str, volume: np.ndarray, tmp: str, local: bool) -> Non
         os.remove(staged)
 
 
-def _put_csv(fs, path: str, rows: list[list[str]], local: bool) -> None:
+def put_csv(fs, path: str, rows: list[list[str]], local: bool) -> None:
     """Write the circumferences CSV (header `layout.CSV_COLUMNS`, one row per case) to `path` on `fs`."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")

@@ -1,6 +1,6 @@
 """Score every frame of a sweep archive on Ray and write Parquet: `python -m jobs.score --input ... --checkpoint ... --output ...`.
 
-ReadCases (CPU tasks: fsspec -> SimpleITK -> 224x224 frames) -> ScoreFrames (actors holding the model, GPU
+ReadCases (CPU tasks: fsspec -> SimpleITK, or pydicom for DICOM studies -> 224x224 frames) -> ScoreFrames (actors holding the model, GPU
 or CPU) -> summarise_cases (CPU: masks to native size, PNGs, AC) -> WriteParts (Parquet parts of many cases,
 each committed by a record). Rerunning the same command after any failure finishes the archive: complete
 cases are skipped, nothing is scored twice (`fetaliqa.score.ledger`).
@@ -20,7 +20,7 @@ import ray
 from fetaliqa.models import load_checkpoint
 from fetaliqa.score import ledger, record
 from fetaliqa.score.predict import ScoreFrames
-from fetaliqa.score.read import READ_TASK_MEMORY, CaseReader, list_archive
+from fetaliqa.score.read import READ_TASK_MEMORY, CaseReader, list_archive, listing_notes
 from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, summarise_cases
 from jobs.common import add_storage_options, init_ray, run_recipe
 
@@ -32,7 +32,8 @@ MAX_CASES_PER_FILE = 50
 def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True,
-                        help="ACOUSLIC archive root, folder or prefix of stacked images, or a manifest of URIs (.txt, .csv, .parquet)")
+                        help="ACOUSLIC archive root, folder or prefix of stacked images and/or DICOM files, "
+                             "or a manifest of URIs (.txt, .csv, .parquet)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (local path or fsspec URL)")
     parser.add_argument("--output", required=True, help="output folder (local path or fsspec URL)")
     parser.add_argument("--actors", type=int, default=1, help="predictor actors (model replicas)")
@@ -53,6 +54,9 @@ def score(args: argparse.Namespace) -> int:
     _, meta = load_checkpoint(args.checkpoint, storage_options=so)  # a bad checkpoint fails before any work
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
     listed = list_archive(args.input, so)  # before the output changes: a bad --input leaves it as it was
+    run["notes"] = listing_notes(listed)  # e.g. single-frame DICOM instances skipped: in the log and run.json
+    for note in run["notes"]:
+        print(f"note: {note}", flush=True)
     if args.overwrite:
         ledger.reset(args.output, so)
     resumed = ledger.resume(args.output, so)

@@ -15,13 +15,15 @@ from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FR
 def part_tables(scored: list[str], failed: list[str], frames_per_case: int = 3) -> dict[str, pa.Table]:
     n = frames_per_case
     frames = pa.table({"case_id": [c for c in scored for _ in range(n)], "sweep": [1] * n * len(scored),
-                       "frame": [f for _ in scored for f in range(n)], "score": [0.5] * n * len(scored),
+                       "frame": [f for _ in scored for f in range(n)], "sop_uid": [None] * n * len(scored),
+                       "instance_frame": [None] * n * len(scored), "score": [0.5] * n * len(scored),
                        "positive": [True] * n * len(scored), "mask_area": [None] * n * len(scored),
                        "mask_png": [None] * n * len(scored), "model": ["m"] * n * len(scored),
                        "run_id": ["r"] * n * len(scored)}, schema=FRAMES_SCHEMA)
     cases = pa.table({"case_id": scored, "frames": [n] * len(scored), "positives": [n] * len(scored),
                       "best_frame": [0] * len(scored), "best_sweep": [1] * len(scored),
-                      "best_score": [0.5] * len(scored), "ac_mm": [None] * len(scored),
+                      "best_score": [0.5] * len(scored), "ac_mm": [None] * len(scored), "sweeps": [6] * len(scored),
+                      "note": [None] * len(scored),
                       "source": [f"{c}.mha" for c in scored], "run_id": ["r"] * len(scored)}, schema=CASES_SCHEMA)
     errors = pa.table({"case_id": failed, "source": [f"{c}.mha" for c in failed], "error": ["truncated"] * len(failed),
                        "message": [f"{c}.mha: cut" for c in failed], "run_id": ["r"] * len(failed)},
@@ -56,6 +58,24 @@ def test_resume_deletes_uncommitted_files_and_releases_failed_cases(tmp_path):
     records = ledger.load_records(out)
     assert [(r["part"], r["scored"], r["failed"]) for r in records] == [("r-000000", ["a"], [])]
     assert ledger.resume(out).scored == {"a"}  # idempotent
+
+
+def test_resume_keeps_the_error_rows_of_bad_instances_of_scored_studies(tmp_path):
+    """A part scored study "s" (one of its instance files, "bad.dcm", failed) and failed case "f": a retry of "f"
+    must not lose the row of "bad.dcm", whose study is complete and will not be read again."""
+    out = str(tmp_path / "out")
+    tables = part_tables(["s"], ["f"])
+    tables[ERRORS] = pa.concat_tables([tables[ERRORS], pa.table(
+        {"case_id": ["bad.dcm"], "source": ["bad.dcm"], "error": ["truncated"], "message": ["bad.dcm: cut"],
+         "run_id": ["r"]}, schema=ERRORS_SCHEMA)])
+    ledger.write_part(out, "r-000000", tables, ["s"], ["f"])
+
+    state = ledger.resume(out)
+
+    assert state.scored == {"s"} and state.retried == 1
+    assert read_table(out, ERRORS)["case_id"].to_pylist() == ["bad.dcm"]
+    assert [p.name for p in (tmp_path / "out" / "errors").iterdir()] == ["r-000000-kept.parquet"]
+    assert ledger.resume(out).retried == 0 and read_table(out, ERRORS)["case_id"].to_pylist() == ["bad.dcm"]
 
 
 def test_reset_removes_every_table_the_ledger_and_the_run_record(tmp_path):

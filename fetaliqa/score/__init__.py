@@ -1,8 +1,9 @@
 """Scoring at archive scale, one module per stage; `jobs/score.py` composes them:
 
 ```
-list_archive (driver, once, streaming)   -> (case_id, source) table, minus the cases already committed
-  | ReadCases      read.CaseReader        CPU tasks: fsspec GET -> SimpleITK -> (T, 224, 224) uint8, one block a case
+list_archive (driver, once, streaming)   -> (case_id, source, instances) table, minus the cases already committed
+                                            (DICOM: headers grouped into studies by dicom_listing)
+  | ReadCases      read.CaseReader        CPU tasks: fsspec GET -> SimpleITK or pydicom -> (T, 224, 224) uint8, one block a case
   | ScoreFrames    predict.ScoreFrames    actors holding the model (GPU or CPU): scores (T,), SEG masks bit-packed
   | summarise_cases  write                CPU, beside the actor: masks to native size, areas, PNGs, AC, case summary
   | WriteParts     write.PartWriter       a Datasink: parts of many cases, a file per table, then a commit record

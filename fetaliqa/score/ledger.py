@@ -3,14 +3,16 @@
 A write task stages nothing: it writes its part's files under their final names (`frames/<part>.parquet`,
 `cases/...`, `errors/...`; on a local filesystem through a hidden temporary file and a rename), and then
 its commit record `_fetaliqa/parts/<part>.json`, which names the files and the case ids the part scored
-and failed. The record is the commit: one object PUT, atomic on every object store (a rename on a local
+and failed (with a failed DICOM study, the file names of its bad instances, whose rows are retried with it). The record is the commit: one object PUT, atomic on every object store (a rename on a local
 filesystem). A part without a record does not exist:
 
 - `read_table` reads only the files that records name;
 - `resume` (the start of every run into an existing output) deletes every table file that no record
   names (a part whose writer died before its record), retries the failed cases of earlier runs (their
   records are rewritten without them first, then their `errors/` files deleted, so a crash in between
-  leaves only an unnamed file for the next start to delete), and returns the ids already scored.
+  leaves only an unnamed file for the next start to delete; `errors/` rows of a part that are not its failed
+  cases', bad instances of DICOM studies it scored, are first copied to a file the new record names), and
+  returns the ids already scored.
 
 So after `kill -9` of the driver, or the loss of any worker, at any moment, rerunning the same command
 scores each case exactly once: a case is in exactly one committed part, never decoded again once
@@ -32,6 +34,7 @@ import json
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fetaliqa import storage
@@ -89,9 +92,11 @@ def resume(output_url: str, storage_options: StorageOptions = None) -> ResumeSta
     for record in load_records(output_url, storage_options):
         if record["failed"]:
             state.retried += len(record["failed"])
-            record = {**record, "files": {t: f for t, f in record["files"].items() if t != "errors"}, "failed": []}
+            kept = _errors_of_others(fs, root, record, local)
+            files = {t: f for t, f in record["files"].items() if t != "errors"} | kept
+            record = {**record, "files": files, "failed": []}
             path = f"{root}/{PARTS_DIR}/{record['part']}.json"
-            if record["scored"]:
+            if record["scored"] or kept:
                 storage.put_object(fs, path, json.dumps(record).encode(), local)
             else:
                 fs.rm(path)
@@ -102,6 +107,24 @@ def resume(output_url: str, storage_options: StorageOptions = None) -> ResumeSta
         fs.rm(unnamed)
     state.removed_files = len(unnamed)
     return state
+
+
+def _errors_of_others(fs, root: str, record: dict, local: bool) -> dict[str, str]:
+    """Keep the `errors/` rows of a part that are not its failed cases' (bad instances of DICOM studies the
+    part scored, which are not read again): written to a new file, {"errors": its path}, or {} when none.
+
+    The new file is named by the rewritten record; the old one, then unnamed, is deleted by `resume`'s sweep.
+    """
+    if "errors" not in record["files"]:
+        return {}
+    table = pq.read_table(fs.open(f"{root}/{record['files']['errors']}", "rb"))
+    failed = pa.array(record["failed"], pa.string())
+    others = table.filter(pc.invert(pc.is_in(table["case_id"], failed)))
+    if not others.num_rows:
+        return {}
+    kept = f"errors/{part_name(record['part'] + '-kept')}"
+    storage.put_object(fs, f"{root}/{kept}", _parquet_bytes(others), local)
+    return {"errors": kept}
 
 
 def holds_table_files(output_url: str, storage_options: StorageOptions = None) -> bool:

@@ -9,7 +9,11 @@ million cases) and nothing else per case. Inputs:
 - a manifest, one image URI a row (relative URIs are taken relative to the manifest's folder):
   `.txt` (one a line; blank lines and `#` comments skipped), `.csv` (a header; the `uri` column, else
   the first), `.parquet` (the `uri` column, else the first);
-- one image file.
+- one image file, or one DICOM file.
+DICOM files (`fetaliqa.dicom.is_dicom_candidate` names in a folder, any non-image entry of a manifest) are
+grouped into studies from their headers (`fetaliqa.score.dicom_listing`): a study is one case whose
+`instances` are its sweeps in order; a file that is not DICOM or has a bad header is listed as already failed
+(`error`, `message` set), so that it gets its `errors/` row without being read again.
 A URI in a manifest that is missing or unreadable is not checked here (that would cost a request per
 case): reading it gives the case an `errors/` row.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import posixpath
 from collections.abc import Iterator
@@ -34,13 +39,21 @@ from ray.data.datasource import Datasource, ReadTask
 
 from fetaliqa import layout, storage
 from fetaliqa.archive import read_image_stack
-from fetaliqa.errors import InputError, MissingObjectError
+from fetaliqa.dicom import is_dicom_candidate, read_dicom_instance
+from fetaliqa.errors import InputError, MissingObjectError, StudyFailedError
+from fetaliqa.layout import SWEEPS_PER_CASE
 from fetaliqa.preprocess import IMAGE_SIZE, resize_frames
+from fetaliqa.score.dicom_listing import list_dicom_studies
 from fetaliqa.storage import StorageOptions
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 URI_COLUMN = "uri"
-LISTING_SCHEMA = pa.schema([("case_id", pa.string()), ("source", pa.string())])
+LISTING_SCHEMA = pa.schema([
+    ("case_id", pa.string()), ("source", pa.string()),
+    ("instances", pa.list_(pa.string())),  # a DICOM study's sweep URIs in order; null for stacked images
+    ("error", pa.string()), ("message", pa.string()),  # set when the listing already found the file bad
+])
+NOTES_KEY = b"fetaliqa.notes"  # the listing's notes (JSON list of lines) in its schema metadata
 _BATCH = 65_536
 
 # What decoding one ACOUSLIC-size case holds at its peak: the compressed file (~200 MB), the decoded
@@ -58,29 +71,47 @@ TASKS_PER_CPU = 4
 
 
 def list_archive(input_url: str, storage_options: StorageOptions = None) -> pa.Table:
-    """The cases of `input_url` as a (`case_id`, `source`) table sorted by case id; see the module docstring.
+    """The cases of `input_url` as a `LISTING_SCHEMA` table sorted by case id; see the module docstring.
 
-    Raises `MissingObjectError` when nothing is found, `InputError` for duplicate case ids or an unreadable
-    manifest.
+    The listing's notes (single-frame DICOM instances skipped), one line each, are a JSON list under
+    `NOTES_KEY` in the table's schema metadata (`listing_notes`). Raises `MissingObjectError` when nothing is
+    found, `InputError` for duplicate case ids or an unreadable manifest.
     """
-    batches, sources = [], []
+    batches, sources, dicom_candidates = [], [], []
     for source in _iter_sources(input_url, storage_options):
+        if not layout.image_suffix(source):
+            dicom_candidates.append(source)
+            continue
         sources.append(source)
         if len(sources) == _BATCH:
             batches.append(_listing_batch(sources))
             sources = []
     if sources:
         batches.append(_listing_batch(sources))
-    if not batches:
-        raise MissingObjectError(input_url, f"no images found (looked for {', '.join(layout.IMAGE_SUFFIXES)} files)")
+    notes: list[str] = []
+    if dicom_candidates:
+        rows, notes = list_dicom_studies(dicom_candidates, storage_options)
+        batches.append(pa.RecordBatch.from_pylist(
+            [{"case_id": r.case_id, "source": r.source, "instances": None if r.instances is None else list(r.instances),
+              "error": r.error, "message": r.message} for r in rows], schema=LISTING_SCHEMA))
+    if not any(b.num_rows for b in batches):
+        raise MissingObjectError(input_url, f"no images found (looked for {', '.join(layout.IMAGE_SUFFIXES)} "
+                                            "files and DICOM files)")
     table = pa.Table.from_batches(batches, LISTING_SCHEMA).sort_by("case_id")
     _check_unique(input_url, table)
-    return table
+    return table.replace_schema_metadata({NOTES_KEY: json.dumps(notes)})
+
+
+def listing_notes(table: pa.Table) -> list[str]:
+    """The notes `list_archive` attached to its table (an empty list when none)."""
+    return json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"[]"))
 
 
 def _listing_batch(sources: list[str]) -> pa.RecordBatch:
+    n = len(sources)
     return pa.record_batch([pa.array([layout.case_id_of(s) for s in sources], pa.string()),
-                            pa.array(sources, pa.string())], schema=LISTING_SCHEMA)
+                            pa.array(sources, pa.string()), pa.nulls(n, pa.list_(pa.string())),
+                            pa.array([""] * n, pa.string()), pa.array([""] * n, pa.string())], schema=LISTING_SCHEMA)
 
 
 def _check_unique(input_url: str, table: pa.Table) -> None:
@@ -111,7 +142,12 @@ def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[s
                 found = True
                 yield source
             if not found:
-                yield from _iter_folder(fs, path, input_url)
+                for source in _iter_folder(fs, path, input_url):
+                    found = True
+                    yield source
+            # Not a folder: one DICOM file (checked last, so that listing a folder costs no extra request).
+            if not found and is_dicom_candidate(posixpath.basename(input_url.rstrip("/"))) and fs.isfile(path):
+                yield input_url
     except InputError:
         raise
     except UnicodeDecodeError as err:
@@ -121,9 +157,9 @@ def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[s
 
 
 def _iter_folder(fs, path: str, url: str) -> Iterator[str]:
-    """Image URIs directly inside folder `path` (`url` as the user wrote it), in listing order."""
+    """Image and DICOM-candidate URIs directly inside folder `path` (`url` as the user wrote it), in listing order."""
     for name in _iter_names(fs, path):
-        if layout.image_suffix(name) and not name.startswith("."):
+        if (layout.image_suffix(name) or is_dicom_candidate(name)) and not name.startswith("."):
             yield storage.join(url, name)
 
 
@@ -143,11 +179,15 @@ def _iter_names(fs, path: str) -> Iterator[str]:
                 yield posixpath.basename(entry["name"])
         return
     try:
-        names = fs.ls(path, detail=False)
+        entries = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return
-    for name in names:
-        yield posixpath.basename(name.rstrip("/"))
+    for entry in entries:
+        # Files only: a sub-folder's name without suffix is not a DICOM file; and `ls` of a file lists the file.
+        # fsspec's local filesystem types a symlink "other": follow it, as a user who links data in expects.
+        is_file = entry["type"] == "file" or (entry.get("islink") and fs.isfile(entry["name"]))
+        if is_file and entry["name"].rstrip("/") != path.rstrip("/"):
+            yield posixpath.basename(entry["name"].rstrip("/"))
 
 
 def _iter_manifest(fs, path: str, url: str) -> Iterator[str]:
@@ -178,25 +218,73 @@ def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
 
 
 def read_case_row(case_id: str, source: str, storage_options: StorageOptions = None,
-                  image_size: int = IMAGE_SIZE) -> dict:
+                  image_size: int = IMAGE_SIZE, instances: list[str] | None = None, error: str = "",
+                  message: str = "") -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
 
+    A stacked image is read from `source`; a DICOM study from `instances`, its sweeps in order (each
+    instance's frames cropped to its imaging region, resized on their own: instances may differ in size).
+    A case the listing already found bad (`error` set) is returned as it is, unread.
+
     Returns {"case_id", "source", "images" (T, S, S) uint8 (S = `image_size`, the checkpoint's),
-    "height", "width", "spacing_row", "spacing_col" (mm), "error", "message" ("" when read)}.
-    A case that cannot be read comes back with T = 0 and the error kind and one-line message.
+    "sweeps" (JSON text: a list, one object per sweep in order, {"frames", "height", "width" (native size of
+    the frames scored: the cropped region for DICOM), "spacing" ([row, col] mm, or null), "sop_uid" (null for
+    stacked images)}), "note" (one line: sweeps without spacing and why, frames not cropped; "" when none),
+    "instance_errors" (JSON text: [source, kind, message] of each instance of a study that failed),
+    "error", "message" ("" when read)}. A case that cannot be read comes back with T = 0 and the error kind
+    and one-line message; a study whose instances all fail, with kind `study_failed`.
+    Per-sweep facts travel as JSON text so that Ray's blocks keep one fixed-shape column each.
     """
     out = {"case_id": case_id, "source": source, "images": np.zeros((0, image_size, image_size), np.uint8),
-           "height": 0, "width": 0, "spacing_row": 0.0, "spacing_col": 0.0, "error": "", "message": ""}
+           "sweeps": "[]", "note": "", "instance_errors": "[]", "error": error, "message": message}
+    if error:
+        return out
     try:
-        stack = read_image_stack(source, storage_options)
+        if instances is None:
+            stack = read_image_stack(source, storage_options)
+            n, height, width = stack.frames.shape
+            sweep = {"frames": n // SWEEPS_PER_CASE, "height": height, "width": width,
+                     "spacing": list(stack.spacing_mm), "sop_uid": None}
+            return out | {"images": resize_frames(stack.frames, image_size),
+                          "sweeps": json.dumps([sweep] * SWEEPS_PER_CASE)}
+        return out | _read_study(case_id, source, instances, storage_options, image_size)
     except InputError as err:
         return out | {"error": err.kind, "message": str(err)}
     except Exception as err:  # noqa: BLE001 - one unreadable case must not stop an archive
-        message = " ".join(f"{source}: unreadable ({type(err).__name__}: {err})".split())
-        return out | {"error": "unreadable", "message": message}
-    _, height, width = stack.frames.shape
-    return out | {"images": resize_frames(stack.frames, image_size), "height": height, "width": width,
-                  "spacing_row": stack.spacing_mm[0], "spacing_col": stack.spacing_mm[1]}
+        return out | {"error": "unreadable", "message": _unreadable(source, err)}
+
+
+def _read_study(case_id: str, source: str, instances: list[str], storage_options: StorageOptions,
+                image_size: int) -> dict:
+    """`read_case_row`'s fields of a DICOM study, from its instance URIs in sweep order."""
+    images, sweeps, notes, failed = [], [], [], []
+    for uri in instances:
+        try:
+            instance = read_dicom_instance(uri, storage_options)
+        except InputError as err:
+            failed.append([uri, err.kind, str(err)])
+            continue
+        except Exception as err:  # noqa: BLE001 - one unreadable instance must not stop its study
+            failed.append([uri, "unreadable", _unreadable(uri, err)])
+            continue
+        images.append(resize_frames(instance.frames, image_size))
+        n, height, width = instance.frames.shape
+        sweeps.append({"frames": n, "height": height, "width": width,
+                       "spacing": None if instance.spacing_mm is None else list(instance.spacing_mm),
+                       "sop_uid": instance.header.sop_uid})
+        if instance.spacing_mm is None:
+            notes.append(f"sweep {len(sweeps)}: {instance.spacing_note}")
+        notes += [f"sweep {len(sweeps)}: {note}" for note in instance.notes]
+    if not sweeps:
+        err = StudyFailedError(source, f"study {case_id}: all {len(instances)} instance(s) failed "
+                                       "(each has its own errors/ row)")
+        return {"error": err.kind, "message": str(err), "instance_errors": json.dumps(failed)}
+    return {"images": np.concatenate(images), "sweeps": json.dumps(sweeps), "note": "; ".join(notes),
+            "instance_errors": json.dumps(failed)}
+
+
+def _unreadable(source: str, err: Exception) -> str:
+    return " ".join(f"{source}: unreadable ({type(err).__name__}: {err})".split())
 
 
 class CaseReader(Datasource):
@@ -231,12 +319,14 @@ class CaseReader(Datasource):
         return [self._task(self.cases.slice(a, b - a)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     def _task(self, cases: pa.Table) -> ReadTask:
-        ids, sources = cases["case_id"].to_pylist(), cases["source"].to_pylist()  # compact, not the whole slice's buffers
+        # Python lists: compact, not the whole slice's buffers
+        ids, sources = cases["case_id"].to_pylist(), cases["source"].to_pylist()
+        instances, errors, messages = (cases[c].to_pylist() for c in ("instances", "error", "message"))
         options, size = self.storage_options, self.image_size
 
         def read() -> Iterator:
-            for case_id, source in zip(ids, sources):
-                row = read_case_row(case_id, source, options, size)
+            for case_id, source, uris, error, message in zip(ids, sources, instances, errors, messages):
+                row = read_case_row(case_id, source, options, size, uris, error, message)
                 yield BlockAccessor.batch_to_block({key: np.asarray([value]) if key != "images" else value[None]
                                                     for key, value in row.items()})
 

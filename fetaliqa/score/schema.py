@@ -22,7 +22,9 @@ from fetaliqa.storage import StorageOptions
 FRAMES_SCHEMA = pa.schema([
     ("case_id", pa.string()),
     ("sweep", pa.int8()),          # 1-based
-    ("frame", pa.int32()),         # 0-based index in the stack
+    ("frame", pa.int32()),         # 0-based index in the stack (DICOM: over the study's frames in sweep order)
+    ("sop_uid", pa.string()),      # DICOM: the SOP Instance UID of the frame's instance; null for stacked images
+    ("instance_frame", pa.int32()),  # DICOM: 0-based index within that instance; null for stacked images
     ("score", pa.float32()),       # in [0, 1]
     ("positive", pa.bool_()),      # score >= the checkpoint's threshold
     ("mask_area", pa.int32()),     # SEG: mask pixels at native resolution; null for CLS
@@ -39,12 +41,14 @@ CASES_SCHEMA = pa.schema([
     ("best_sweep", pa.int8()),
     ("best_score", pa.float32()),
     ("ac_mm", pa.float32()),       # SEG: ellipse-fit circumference of the best frame's mask; null for CLS
-    ("source", pa.string()),
+    ("sweeps", pa.int8()),         # sweeps scored (DICOM: the study's multi-frame instances that were read)
+    ("note", pa.string()),         # e.g. why ac_mm is null (no pixel spacing), frames not cropped; else null
+    ("source", pa.string()),       # the image's URI (DICOM: the first sweep's instance)
     ("run_id", pa.string()),
 ])
 
 ERRORS_SCHEMA = pa.schema([
-    ("case_id", pa.string()),      # the file name without its image suffix
+    ("case_id", pa.string()),      # the file name without its image suffix (a failed DICOM study: its UID)
     ("source", pa.string()),
     ("error", pa.string()),        # short kind, e.g. "truncated", "not_an_image"
     ("message", pa.string()),      # one line naming the file and the problem

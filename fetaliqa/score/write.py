@@ -12,6 +12,8 @@ reach the output. This module imports no torch.
 
 from __future__ import annotations
 
+import json
+import posixpath
 from collections.abc import Iterable
 
 import cv2
@@ -22,7 +24,6 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from fetaliqa.ellipse import circumference_mm
-from fetaliqa.layout import SWEEPS_PER_CASE
 from fetaliqa.preprocess import mask_to_native
 from fetaliqa.score import ledger
 from fetaliqa.score.schema import CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, CASES
@@ -31,10 +32,12 @@ from fetaliqa.storage import StorageOptions
 # One summarised case: the per-frame lists the writer flattens into `frames/` and the `cases/` fields.
 CASE_ROW_SCHEMA = pa.schema([
     ("case_id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("message", pa.string()),
+    ("instance_errors", pa.string()), ("note", pa.string()),
     ("score", pa.list_(pa.float32())), ("positive", pa.list_(pa.bool_())),
     ("mask_area", pa.list_(pa.int32())), ("mask_png", pa.list_(pa.binary())),
-    ("frames", pa.int32()), ("positives", pa.int32()), ("best_frame", pa.int32()), ("best_sweep", pa.int8()),
-    ("best_score", pa.float32()), ("ac_mm", pa.float32()),
+    ("sweep", pa.list_(pa.int8())), ("sop_uid", pa.list_(pa.string())), ("instance_frame", pa.list_(pa.int32())),
+    ("frames", pa.int32()), ("sweeps", pa.int8()), ("positives", pa.int32()), ("best_frame", pa.int32()),
+    ("best_sweep", pa.int8()), ("best_score", pa.float32()), ("ac_mm", pa.float32()),
 ])
 
 # Writing a part is light (Parquet of a few MB at most), and Ray Data reserves a share of the cluster's
@@ -56,28 +59,37 @@ def summarise_cases(batch: dict[str, np.ndarray], threshold: float, image_size: 
 
 
 def _summarise_case(batch: dict[str, np.ndarray], i: int, threshold: float, side: int) -> dict:
-    row = {key: str(batch[key][i]) for key in ("case_id", "source", "error", "message")}
+    row = {key: str(batch[key][i]) for key in ("case_id", "source", "error", "message", "instance_errors", "note")}
+    row["note"] = row["note"] or None
     scores = np.asarray(batch["scores"][i], np.float32)
     n = len(scores)
     if row["error"] or n == 0:
-        return row | {"score": [], "positive": [], "mask_area": [], "mask_png": [], "frames": 0}
+        return row | {"score": [], "positive": [], "mask_area": [], "mask_png": [], "sweep": [], "sop_uid": [],
+                      "instance_frame": [], "frames": 0}
+    sweeps = json.loads(str(batch["sweeps"][i]))
+    counts = [s["frames"] for s in sweeps]
+    sweep_index = np.repeat(np.arange(len(sweeps)), counts)  # 0-based sweep of each frame
+    dicom = sweeps[0]["sop_uid"] is not None
     positive = scores >= threshold
     best = int(np.argmax(scores))
     area, png, ac_mm = [None] * n, [None] * n, None
     if "masks" in batch:
-        height, width = int(batch["height"][i]), int(batch["width"][i])
         masks = np.unpackbits(np.asarray(batch["masks"][i]), axis=1, count=side * side).reshape(n, side, side)
         area = [0] * n
         for f in np.flatnonzero(masks.any(axis=(1, 2))):
-            native = mask_to_native(masks[f:f + 1], height, width)[0]
+            sweep = sweeps[sweep_index[f]]
+            native = mask_to_native(masks[f:f + 1], sweep["height"], sweep["width"])[0]
             area[f] = int(native.sum())
             if positive[f]:
                 png[f] = _png(native)
-            if f == best:
-                ac_mm = circumference_mm(native, (float(batch["spacing_row"][i]), float(batch["spacing_col"][i])))
-    return row | {"score": scores, "positive": positive, "mask_area": area, "mask_png": png, "frames": n,
-                  "positives": int(positive.sum()), "best_frame": best,
-                  "best_sweep": best // (n // SWEEPS_PER_CASE) + 1, "best_score": float(scores[best]), "ac_mm": ac_mm}
+            if f == best and sweep["spacing"] is not None:  # no spacing: ac_mm stays null, `note` says why
+                ac_mm = circumference_mm(native, tuple(sweep["spacing"]))
+    return row | {"score": scores, "positive": positive, "mask_area": area, "mask_png": png,
+                  "sweep": (sweep_index + 1).astype(np.int8),
+                  "sop_uid": [sweeps[j]["sop_uid"] for j in sweep_index] if dicom else [None] * n,
+                  "instance_frame": np.concatenate([np.arange(k, dtype=np.int32) for k in counts]) if dicom else [None] * n,
+                  "frames": n, "sweeps": len(sweeps), "positives": int(positive.sum()), "best_frame": best,
+                  "best_sweep": int(sweep_index[best]) + 1, "best_score": float(scores[best]), "ac_mm": ac_mm}
 
 
 class PartWriter(Datasink):
@@ -109,10 +121,13 @@ class PartWriter(Datasink):
         rows = rows.take(pc.sort_indices(rows, [("case_id", "ascending")]))
         failed = rows.filter(pc.not_equal(rows["error"], ""))
         scored = rows.filter(pc.equal(rows["error"], ""))
-        tables = {FRAMES: self._frames(scored), CASES: self._cases(scored), ERRORS: self._errors(failed)}
+        tables = {FRAMES: self._frames(scored), CASES: self._cases(scored), ERRORS: self._errors(failed, rows)}
         part = f"{self.run_id}-{ctx.task_idx:06d}"
-        ledger.write_part(self.output, part, tables, scored["case_id"].to_pylist(), failed["case_id"].to_pylist(),
-                          self.storage_options)
+        # A failed study's bad instances are retried with it: their rows go with its id, not with the rows kept
+        # on a retry (bad instances of studies this part scored, which are not read again).
+        retried = failed["case_id"].to_pylist() + [_error_case_id(source) for text in failed["instance_errors"].to_pylist()
+                                                   for source, _, _ in json.loads(text or "[]")]
+        ledger.write_part(self.output, part, tables, scored["case_id"].to_pylist(), retried, self.storage_options)
         tally = {"part": part, "cases": scored.num_rows, "failed": failed.num_rows,
                  "frames": tables[FRAMES].num_rows, "positives": int(pc.sum(scored["positives"]).as_py() or 0)}
         if self.progress is not None:
@@ -127,14 +142,16 @@ class PartWriter(Datasink):
         lengths = pc.list_value_length(scores).to_numpy(zero_copy_only=False).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
         frame = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-        per_sweep = np.repeat(np.maximum(lengths // SWEEPS_PER_CASE, 1), lengths)
         total = len(frame)
+
+        def flat(name: str) -> pa.Array:
+            return pc.list_flatten(scored[name].combine_chunks()) if total else pa.array([], CASE_ROW_SCHEMA.field(name).type.value_type)
+
         return pa.table({
             "case_id": pc.take(scored["case_id"], pc.list_parent_indices(scores)) if total else pa.array([], pa.string()),
-            "sweep": (frame // per_sweep + 1).astype(np.int8), "frame": frame.astype(np.int32),
-            "score": pc.list_flatten(scores), "positive": pc.list_flatten(scored["positive"].combine_chunks()),
-            "mask_area": pc.list_flatten(scored["mask_area"].combine_chunks()),
-            "mask_png": pc.list_flatten(scored["mask_png"].combine_chunks()),
+            "sweep": flat("sweep"), "frame": frame.astype(np.int32), "sop_uid": flat("sop_uid"),
+            "instance_frame": flat("instance_frame"), "score": flat("score"), "positive": flat("positive"),
+            "mask_area": flat("mask_area"), "mask_png": flat("mask_png"),
             "model": pa.repeat(self.model_id, total), "run_id": pa.repeat(self.run_id, total),
         }, schema=FRAMES_SCHEMA)
 
@@ -142,9 +159,22 @@ class PartWriter(Datasink):
         columns = {name: scored[name] for name in CASES_SCHEMA.names if name != "run_id"}
         return pa.table({**columns, "run_id": pa.repeat(self.run_id, scored.num_rows)}, schema=CASES_SCHEMA)
 
-    def _errors(self, failed: pa.Table) -> pa.Table:
-        columns = {name: failed[name] for name in ERRORS_SCHEMA.names if name != "run_id"}
-        return pa.table({**columns, "run_id": pa.repeat(self.run_id, failed.num_rows)}, schema=ERRORS_SCHEMA)
+    def _errors(self, failed: pa.Table, rows: pa.Table) -> pa.Table:
+        """The failed cases' rows and one row per failed instance of any study in `rows` (keyed by its file name),
+        sorted by case id."""
+        columns = {name: failed[name].to_pylist() for name in ERRORS_SCHEMA.names if name != "run_id"}
+        for text in rows["instance_errors"].to_pylist():
+            for source, kind, message in json.loads(text or "[]"):
+                for name, value in zip(("case_id", "source", "error", "message"),
+                                       (_error_case_id(source), source, kind, message)):
+                    columns[name].append(value)
+        n = len(columns["case_id"])
+        return pa.table({**columns, "run_id": pa.repeat(self.run_id, n)}, schema=ERRORS_SCHEMA).sort_by("case_id")
+
+
+def _error_case_id(source: str) -> str:
+    """The `errors/` case id of a bad instance of a DICOM study: its file name."""
+    return posixpath.basename(source.rstrip("/"))
 
 
 def _png(mask: np.ndarray) -> bytes:
