@@ -65,6 +65,18 @@ def test_every_manifest_format_lists_the_same_cases(tmp_path):
         list_archive(str(tmp_path / "twice.txt"))
 
 
+def test_a_folder_of_symlinked_images_is_listed_like_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "links").mkdir()
+    for name in ("b.mha", "a.mha"):
+        (tmp_path / "data" / name).write_bytes(b"x")
+        (tmp_path / "links" / name).symlink_to(tmp_path / "data" / name)
+    (tmp_path / "links" / "sub.mha").mkdir()  # a folder, whatever its name, is no image
+    table = list_archive(str(tmp_path / "links"))
+    assert table["case_id"].to_pylist() == ["a", "b"]
+    assert table["source"].to_pylist() == [str(tmp_path / "links" / n) for n in ("a.mha", "b.mha")]
+
+
 def test_a_million_line_manifest_is_listed_streaming(tmp_path):
     manifest = tmp_path / "million.txt"
     with manifest.open("w") as f:
