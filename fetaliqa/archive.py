@@ -223,7 +223,8 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None) -> Stack:
 HEADER_BYTES = 1 << 16
 
 
-def read_image_geometry(uri: str, storage_options: StorageOptions = None) -> tuple[tuple[int, int, int], tuple[float, float]]:
+def read_image_geometry(uri: str, storage_options: StorageOptions = None
+                        ) -> tuple[tuple[int, int, int], tuple[float, float]]:
     """(T, H, W) and (row, col) spacing in mm of a stacked image, from its header alone: the first
     `HEADER_BYTES` of a remote object (the whole object only when its header is longer). Raises the
     storage errors, `NotAnImageError`/`TruncatedFileError` for an unreadable header and `BadShapeError`
