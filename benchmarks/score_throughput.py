@@ -6,10 +6,10 @@
 All figures come from one run on one machine, on the same synthetic archive of ACOUSLIC-size cases
 (840 frames of 562 x 744, zlib-compressed .mha):
   (a) `jobs.score` end to end on a local Ray (read tasks -> predictor actor -> summaries -> Parquet parts),
-      and its steady state (a') from the commit records `_fetaliqa/parts/*.json` (mtime = commit time):
-      the frames of every part but the first committed over the time from the first commit to the last,
-      which leaves out the start-up (the predictor actor importing torch and building its model, the
-      first decodes, the first part);
+      and its steady state (a') by difference: the same job on the first half of the cases, then on all
+      of them; a' = (frames(all) - frames(half)) / (seconds(all) - seconds(half)). The start-up (the
+      predictor actor importing torch and building its model, the first decodes) and the drain at the end
+      cost both runs the same and cancel, whatever the order in which cases finish;
   (b) a paper-style loop in one process: SimpleITK read, per-frame pad + PIL resize, batches of 32;
   (c) the ceiling: cores x the single-core frames/s of read + the pipeline's preprocessing alone;
   (d) read + preprocessing in one plain process per core (no Ray, no model): how far decoding scales.
@@ -23,8 +23,6 @@ through the pipeline (on the first `--tiny-cases`) against its model-only frames
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import shlex
@@ -129,29 +127,27 @@ def paper_loop(cases: list[str], model: torch.nn.Module) -> float:
     return frames / (time.perf_counter() - started)
 
 
-def pipeline(source: str, checkpoint: str, work: Path, batch_size: int) -> tuple[float, float, float]:
-    """(a): frames/s of `jobs.score` end to end (Ray already running), frames/s in its steady state, and
-    the seconds until the first part was committed (start-up plus one case). One case a part, so that the
-    commit records time every case (an 840-frame case makes a part of ~20 kB per table)."""
-    out = work / "scores"
+def pipeline(cases: list[str], checkpoint: str, work: Path, batch_size: int) -> tuple[float, float]:
+    """(a): frames/s of `jobs.score` end to end over `cases` (Ray already running) and the seconds it took
+    (from a manifest of their paths)."""
+    out, manifest = work / "scores", work / f"cases-{len(cases)}.txt"
+    manifest.write_text("".join(f"{os.path.abspath(uri)}\n" for uri in cases))
     shutil.rmtree(out, ignore_errors=True)
-    started = time.time()
-    assert score_job.main(["--input", source, "--checkpoint", checkpoint, "--output", str(out),
-                           "--batch-size", str(batch_size), "--cases-per-file", "1"]) == 0
-    seconds = time.time() - started
-    commits = commit_times(out)
-    frames = sum(f for _, f in commits)
-    span = commits[-1][0] - commits[0][0]
-    # One part gives no span: its steady state is not measured (nan, printed as such).
-    steady = sum(f for _, f in commits[1:]) / span if span > 0 else math.nan
-    return frames / seconds, steady, commits[0][0] - started
+    started = time.perf_counter()
+    assert score_job.main(["--input", str(manifest), "--checkpoint", checkpoint, "--output", str(out),
+                           "--batch-size", str(batch_size)]) == 0
+    seconds = time.perf_counter() - started
+    return len(cases) * FRAMES_PER_CASE / seconds, seconds
 
 
-def commit_times(out: Path) -> list[tuple[float, int]]:
-    """(commit time, frames) of each committed part, in commit order. A commit record is written through a
-    temporary file and a rename, so its mtime is the commit time; every case here has FRAMES_PER_CASE frames."""
-    records = (out / "_fetaliqa" / "parts").glob("*.json")
-    return sorted((p.stat().st_mtime, FRAMES_PER_CASE * len(json.loads(p.read_text())["scored"])) for p in records)
+def steady_state(cases: list[str], checkpoint: str, work: Path, batch_size: int) -> tuple[float, float, float]:
+    """(a) over every case, (a') by difference with the first half (module docstring), and the fixed cost
+    in seconds: what the end-to-end time holds beyond the cases at the steady rate."""
+    half = cases[:len(cases) // 2]
+    _, half_seconds = pipeline(half, checkpoint, work, batch_size)
+    piped, seconds = pipeline(cases, checkpoint, work, batch_size)
+    steady = (len(cases) - len(half)) * FRAMES_PER_CASE / (seconds - half_seconds)
+    return piped, steady, seconds - len(cases) * FRAMES_PER_CASE / steady
 
 
 def acouslic_size_archive(data: Path, cases: int) -> Path:
@@ -176,15 +172,10 @@ def model_only(model: torch.nn.Module, threads: int, batch_size: int = 32, batch
     return batch_size * batches / (time.perf_counter() - started)
 
 
-def fixed(value: float, digits: int) -> str:
-    """`value` to `digits` decimals; a steady state over a single part is not measured."""
-    return "n/a (one part)" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=24, help="ACOUSLIC-size synthetic cases (written once)")
-    parser.add_argument("--tiny-cases", type=int, default=4, help="cases scored with fetalclip-tiny")
+    parser.add_argument("--tiny-cases", type=int, default=4, help="cases scored with fetalclip-tiny (half, then all)")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-throughput.md"),
                         help="Markdown written here (a section of benchmarks/RESULTS.md)")
@@ -201,6 +192,7 @@ def main() -> None:
     micro = build_model("fetalclip-micro", "cls")[0].eval().merge_adapters()
     tiny = build_model("fetalclip-tiny", "cls")[0].eval().merge_adapters()
 
+    load_before = os.getloadavg()[0]
     single_thread()
     stages = stage_times(cases, micro)
     per_core = 1 / (stages["read"] + stages["fast_preprocess"])
@@ -210,12 +202,11 @@ def main() -> None:
     torch.set_num_threads(cores)
     loop = paper_loop(cases, micro)
     init_ray()
-    piped, steady, first_case = pipeline(str(archive), micro_ckpt, work, batch_size=64)
-    tiny_list = work / "tiny_cases.txt"
-    tiny_list.write_text("".join(f"{os.path.abspath(uri)}\n" for uri in cases[:args.tiny_cases]))
-    tiny_piped, tiny_steady, _ = pipeline(str(tiny_list), tiny_ckpt, work, batch_size=64)
+    piped, steady, fixed_cost = steady_state(cases, micro_ckpt, work, batch_size=64)
+    tiny_piped, tiny_steady, _ = steady_state(cases[:args.tiny_cases], tiny_ckpt, work, batch_size=64)
     tiny_model = model_only(tiny, threads=1)
     shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()[0]
 
     interpreter = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
     command = f"`{shlex.join([interpreter, *sys.argv])}`"
@@ -224,7 +215,9 @@ def main() -> None:
         "# Scoring throughput", "",
         f"Command: {command}. Machine: {platform.machine()}, {cores} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU; torch {torch.__version__}, Ray {ray.__version__}. "
-        f"Archive: {len(cases)} synthetic cases of {FRAMES_PER_CASE} frames of {HEIGHT} x {WIDTH}, zlib .mha.", "",
+        f"Archive: {len(cases)} synthetic cases of {FRAMES_PER_CASE} frames of {HEIGHT} x {WIDTH}, zlib .mha. "
+        f"Load average (1 min) {load_before:.1f} before the run, {load_after:.1f} after: above ~0.5, other "
+        "processes shared the cores and every figure here is low by their share.", "",
         "## Where one frame's time goes (one core)", "",
         "| stage | ms/frame |", "|---|---|",
         f"| SimpleITK read + decode | {ms['read']:.3f} |",
@@ -235,8 +228,8 @@ def main() -> None:
         "## Data path (fetalclip-micro)", "",
         "| path | frames/s |", "|---|---|",
         f"| (a) Ray Data pipeline, `jobs.score` end to end | {piped:.0f} |",
-        f"| (a') the same run's steady state (parts after the first, first to last commit; the first part "
-        f"committed after {first_case:.1f} s) | {steady:.0f} |",
+        f"| (a') steady state: the frames of the second half of the cases over the time they add to a run "
+        f"of the first half (fixed cost of a run: {fixed_cost:.1f} s) | {steady:.0f} |",
         f"| (b) paper-style loop, one process | {loop:.0f} |",
         f"| (c) ceiling: {cores} cores x {per_core:.0f} frames/s (read + resize_frames, one core) | {ceiling:.0f} |",
         f"| (c') ceiling with the model on the same cores: {cores} / (read + resize + model) | {ceiling_with_model:.0f} |",
@@ -246,14 +239,14 @@ def main() -> None:
         "## Model (fetalclip-tiny)", "",
         "| path | frames/s |", "|---|---|",
         f"| pipeline end to end, {args.tiny_cases} cases | {tiny_piped:.0f} |",
-        f"| the same run's steady state | {fixed(tiny_steady, 0)} |",
+        f"| steady state (by difference, {args.tiny_cases // 2} and {args.tiny_cases} cases) | {tiny_steady:.0f} |",
         f"| model only, one thread, batch 32 | {tiny_model:.0f} |", "",
-        f"pipeline / model-only = {tiny_piped / tiny_model:.2f} end to end, {fixed(tiny_steady / tiny_model, 2)} steady. On CPU the predictor actor holds one core "
+        f"pipeline / model-only = {tiny_piped / tiny_model:.2f} end to end, {tiny_steady / tiny_model:.2f} steady. On CPU the predictor actor holds one core "
         "and decoding the other, so the tiny model, not reading, sets the pace here.", "",
         "## Reading the figures", "",
-        f"- End to end includes a fixed start-up: the first part was committed after {first_case:.1f} s, while the "
-        "predictor actor imported torch, open_clip and peft and built its model beside the first decodes, and the "
-        f"first part filled. It amortises over an archive: at the steady rate a/c would be {steady / ceiling:.2f}.",
+        f"- End to end includes a fixed cost of {fixed_cost:.1f} s a run: the predictor actor importing torch, open_clip "
+        "and peft and building its model beside the first decodes, and the drain after the last decode. It "
+        f"amortises over an archive: at the steady rate a/c would be {steady / ceiling:.2f}.",
         f"- Decoding scales over the cores: plain processes reach {plain / ceiling:.2f} of (c). In steady state "
         f"the pipeline reaches {steady / ceiling_with_model:.2f} of (c'); the rest is orchestration on the same "
         "cores: the predictor's per-batch copy out of the object store, the Parquet writers, the driver's "
