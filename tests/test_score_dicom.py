@@ -141,10 +141,10 @@ def test_an_s3_prefix_of_dicom_is_listed_from_headers_alone(mixed, s3_server, s3
     table = list_archive(f"{bucket}/dicom", {"client_kwargs": options})
 
     assert set(table["case_id"].to_pylist()) == {mixed["a"], mixed["b"], mixed["c"], "notes.dcm", "2.25.42"}
-    reads = [r for r in s3_server.requests[before:] if "list-type" not in r[2]]
+    reads = [r for r in s3_server.requests[before:] if "list-type" not in r.query]
     per_file: dict[str, list[str]] = {}
-    for method, path, _ in reads:
-        per_file.setdefault(path.rsplit("/", 1)[-1], []).append(method)
+    for r in reads:
+        per_file.setdefault(r.path.rsplit("/", 1)[-1], []).append(r.method)
     # Per file a HEAD (s3fs learns the size) and one GET of a 256 KiB block, which holds the header (these
     # small files whole); nothing else but the LISTs.
     assert per_file == {p.name: ["HEAD", "GET"] for p in files}
