@@ -74,7 +74,7 @@ def write_run(out: str, root: Path, seg: bool = True) -> None:
                for f in range(T)]
         area = [int((PRED_MASKS.get((case_id, f), np.zeros(1)) > 0).sum()) if seg else None for f in range(T)]
         frames.append(pa.table({"case_id": [case_id] * T, "sweep": np.arange(T, dtype=np.int8) // 2 + 1,
-                                "frame": np.arange(T, dtype=np.int32), "sop_uid": pa.nulls(T, pa.string()),
+                                "frame": np.arange(T, dtype=np.int32), "sop_instance_uid": pa.nulls(T, pa.string()),
                                 "instance_frame": pa.nulls(T, pa.int32()), "score": score, "positive": positive,
                                 "mask_area": pa.array(area, pa.int32()), "mask_png": pa.array(png, pa.binary()),
                                 "model": ["hand-made"] * T, "run_id": ["hand"] * T}, schema=schema.FRAMES_SCHEMA))

@@ -15,7 +15,7 @@ from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FR
 def part_tables(scored: list[str], failed: list[str], frames_per_case: int = 3) -> dict[str, pa.Table]:
     n = frames_per_case
     frames = pa.table({"case_id": [c for c in scored for _ in range(n)], "sweep": [1] * n * len(scored),
-                       "frame": [f for _ in scored for f in range(n)], "sop_uid": [None] * n * len(scored),
+                       "frame": [f for _ in scored for f in range(n)], "sop_instance_uid": [None] * n * len(scored),
                        "instance_frame": [None] * n * len(scored), "score": [0.5] * n * len(scored),
                        "positive": [True] * n * len(scored), "mask_area": [None] * n * len(scored),
                        "mask_png": [None] * n * len(scored), "model": ["m"] * n * len(scored),

@@ -116,10 +116,10 @@ def test_one_run_scores_the_mixed_folder(ray_local, mixed, cls_checkpoint, tmp_p
         for number, path in files:
             sop_of[(study, number)] = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
     rows = frames.filter(pc.equal(frames["case_id"], a)).sort_by("frame").to_pylist()
-    assert [(r["sweep"], r["instance_frame"], r["sop_uid"]) for r in rows] == [
+    assert [(r["sweep"], r["instance_frame"], r["sop_instance_uid"]) for r in rows] == [
         (s, f, sop_of[(a, s)]) for s in range(1, 7) for f in range(K)]
     mha_rows = frames.filter(pc.equal(frames["case_id"], mixed["ids"][0]))
-    assert mha_rows["sop_uid"].null_count == mha_rows["instance_frame"].null_count == mha_rows.num_rows
+    assert mha_rows["sop_instance_uid"].null_count == mha_rows["instance_frame"].null_count == mha_rows.num_rows
     # The same frames score the same, whether read from DICOM or from .mha.
     score_of = {(r["case_id"], r["frame"]): r["score"] for r in frames.select(["case_id", "frame", "score"]).to_pylist()}
     for case_id in mixed["ids"]:

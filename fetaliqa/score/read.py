@@ -228,7 +228,7 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
 
     Returns {"case_id", "source", "images" (T, S, S) uint8 (S = `image_size`, the checkpoint's),
     "sweeps" (JSON text: a list, one object per sweep in order, {"frames", "height", "width" (native size of
-    the frames scored: the cropped region for DICOM), "spacing" ([row, col] mm, or null), "sop_uid" (null for
+    the frames scored: the cropped region for DICOM), "spacing" ([row, col] mm, or null), "sop_instance_uid" (null for
     stacked images)}), "note" (one line: sweeps without spacing and why, frames not cropped; "" when none),
     "instance_errors" (JSON text: [source, kind, message] of each instance of a study that failed),
     "error", "message" ("" when read)}. A case that cannot be read comes back with T = 0 and the error kind
@@ -244,7 +244,7 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
             stack = read_image_stack(source, storage_options)
             n, height, width = stack.frames.shape
             sweep = {"frames": n // SWEEPS_PER_CASE, "height": height, "width": width,
-                     "spacing": list(stack.spacing_mm), "sop_uid": None}
+                     "spacing": list(stack.spacing_mm), "sop_instance_uid": None}
             return out | {"images": resize_frames(stack.frames, image_size),
                           "sweeps": json.dumps([sweep] * SWEEPS_PER_CASE)}
         return out | _read_study(case_id, source, instances, storage_options, image_size)
@@ -271,7 +271,7 @@ def _read_study(case_id: str, source: str, instances: list[str], storage_options
         n, height, width = instance.frames.shape
         sweeps.append({"frames": n, "height": height, "width": width,
                        "spacing": None if instance.spacing_mm is None else list(instance.spacing_mm),
-                       "sop_uid": instance.header.sop_uid})
+                       "sop_instance_uid": instance.header.sop_uid})
         if instance.spacing_mm is None:
             notes.append(f"sweep {len(sweeps)}: {instance.spacing_note}")
         notes += [f"sweep {len(sweeps)}: {note}" for note in instance.notes]

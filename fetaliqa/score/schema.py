@@ -23,7 +23,7 @@ FRAMES_SCHEMA = pa.schema([
     ("case_id", pa.string()),
     ("sweep", pa.int8()),          # 1-based
     ("frame", pa.int32()),         # 0-based index in the stack (DICOM: over the study's frames in sweep order)
-    ("sop_uid", pa.string()),      # DICOM: the SOP Instance UID of the frame's instance; null for stacked images
+    ("sop_instance_uid", pa.string()),  # DICOM: the SOP Instance UID of the frame's instance; null for stacked images
     ("instance_frame", pa.int32()),  # DICOM: 0-based index within that instance; null for stacked images
     ("score", pa.float32()),       # in [0, 1]
     ("positive", pa.bool_()),      # score >= the checkpoint's threshold

@@ -35,7 +35,7 @@ CASE_ROW_SCHEMA = pa.schema([
     ("instance_errors", pa.string()), ("note", pa.string()),
     ("score", pa.list_(pa.float32())), ("positive", pa.list_(pa.bool_())),
     ("mask_area", pa.list_(pa.int32())), ("mask_png", pa.list_(pa.binary())),
-    ("sweep", pa.list_(pa.int8())), ("sop_uid", pa.list_(pa.string())), ("instance_frame", pa.list_(pa.int32())),
+    ("sweep", pa.list_(pa.int8())), ("sop_instance_uid", pa.list_(pa.string())), ("instance_frame", pa.list_(pa.int32())),
     ("frames", pa.int32()), ("sweeps", pa.int8()), ("positives", pa.int32()), ("best_frame", pa.int32()),
     ("best_sweep", pa.int8()), ("best_score", pa.float32()), ("ac_mm", pa.float32()),
 ])
@@ -64,12 +64,12 @@ def _summarise_case(batch: dict[str, np.ndarray], i: int, threshold: float, side
     scores = np.asarray(batch["scores"][i], np.float32)
     n = len(scores)
     if row["error"] or n == 0:
-        return row | {"score": [], "positive": [], "mask_area": [], "mask_png": [], "sweep": [], "sop_uid": [],
+        return row | {"score": [], "positive": [], "mask_area": [], "mask_png": [], "sweep": [], "sop_instance_uid": [],
                       "instance_frame": [], "frames": 0}
     sweeps = json.loads(str(batch["sweeps"][i]))
     counts = [s["frames"] for s in sweeps]
     sweep_index = np.repeat(np.arange(len(sweeps)), counts)  # 0-based sweep of each frame
-    dicom = sweeps[0]["sop_uid"] is not None
+    dicom = sweeps[0]["sop_instance_uid"] is not None
     positive = scores >= threshold
     best = int(np.argmax(scores))
     area, png, ac_mm = [None] * n, [None] * n, None
@@ -86,7 +86,7 @@ def _summarise_case(batch: dict[str, np.ndarray], i: int, threshold: float, side
                 ac_mm = circumference_mm(native, tuple(sweep["spacing"]))
     return row | {"score": scores, "positive": positive, "mask_area": area, "mask_png": png,
                   "sweep": (sweep_index + 1).astype(np.int8),
-                  "sop_uid": [sweeps[j]["sop_uid"] for j in sweep_index] if dicom else [None] * n,
+                  "sop_instance_uid": [sweeps[j]["sop_instance_uid"] for j in sweep_index] if dicom else [None] * n,
                   "instance_frame": np.concatenate([np.arange(k, dtype=np.int32) for k in counts]) if dicom else [None] * n,
                   "frames": n, "sweeps": len(sweeps), "positives": int(positive.sum()), "best_frame": best,
                   "best_sweep": int(sweep_index[best]) + 1, "best_score": float(scores[best]), "ac_mm": ac_mm}
@@ -149,7 +149,7 @@ class PartWriter(Datasink):
 
         return pa.table({
             "case_id": pc.take(scored["case_id"], pc.list_parent_indices(scores)) if total else pa.array([], pa.string()),
-            "sweep": flat("sweep"), "frame": frame.astype(np.int32), "sop_uid": flat("sop_uid"),
+            "sweep": flat("sweep"), "frame": frame.astype(np.int32), "sop_instance_uid": flat("sop_instance_uid"),
             "instance_frame": flat("instance_frame"), "score": flat("score"), "positive": flat("positive"),
             "mask_area": flat("mask_area"), "mask_png": flat("mask_png"),
             "model": pa.repeat(self.model_id, total), "run_id": pa.repeat(self.run_id, total),
