@@ -14,7 +14,13 @@ CPU tests and demos. The paper's baselines are timm models by name, trained in t
     model, preprocess = build_model("fetalclip", "cls", weights=..., trainable="linear")  # head only
 """
 
-from fetaliqa.models.checkpoint import FORMAT_VERSION, checkpoint_tensors, load_checkpoint, save_checkpoint
+from fetaliqa.models.checkpoint import (
+    FORMAT_VERSION,
+    checkpoint_tensors,
+    load_checkpoint,
+    load_trained_tensors,
+    save_checkpoint,
+)
 from fetaliqa.models.baselines import PAPER_BASELINES, is_known_model
 from fetaliqa.models.encoders import MODEL_NAMES, LoraSpec, PreprocessSpec, seg_block_indices
 from fetaliqa.models.iqa import DEFAULT_THRESHOLD, TASKS, TRAINABLE, IQAModel, ModelSpec, build_model, model_info
@@ -34,6 +40,7 @@ __all__ = [
     "checkpoint_tensors",
     "is_known_model",
     "load_checkpoint",
+    "load_trained_tensors",
     "model_info",
     "save_checkpoint",
     "seg_block_indices",

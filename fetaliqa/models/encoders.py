@@ -128,18 +128,24 @@ def load_tower_weights(visual: VisionTransformer, url: str, storage_options: Sto
 
 
 def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], url: str, what: str) -> None:
-    """`module.load_state_dict(state, strict=True)` after checking keys and shapes: WeightsError (one line
-    naming `url` and `what`) listing missing keys, unexpected keys and wrong shapes."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = [f"{label}: {some_items(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+    """`module.load_state_dict(state, strict=True)` after `state_problems`: WeightsError (one line naming
+    `url` and `what`) listing missing keys, unexpected keys and wrong shapes."""
+    problems = state_problems(module.state_dict(), state, "keys")
     if problems:
         raise WeightsError(f"{url}: weights do not fit {what} ({'; '.join(problems)})")
     module.load_state_dict(state, strict=True)
+
+
+def state_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], noun: str) -> list[str]:
+    """What keeps `given` from loading as exactly `expected` (both name -> tensor): missing `noun`,
+    unexpected `noun` and wrong shapes, each a short text naming a few; [] when they fit. The one key and
+    shape check of pretrained weights (here) and of checkpoints (`checkpoint.py`)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [f"{k} {tuple(given[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in given and tuple(given[k].shape) != tuple(v.shape)]
+    return [f"{label}: {some_items(keys)}" for label, keys in
+            ((f"missing {noun}", missing), (f"unexpected {noun}", unexpected), ("wrong shapes", wrong)) if keys]
 
 
 def read_state_dict(url: str, storage_options: StorageOptions) -> dict[str, Any]:

@@ -21,10 +21,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConsistencyMode
-from safetensors.torch import load_file
 
-from fetaliqa.models import DEFAULT_THRESHOLD, build_model, checkpoint_tensors, save_checkpoint
-from fetaliqa.models.checkpoint import WEIGHTS_FILE
+from fetaliqa.models import DEFAULT_THRESHOLD, build_model, load_trained_tensors, save_checkpoint
 from fetaliqa.training.step import LOSSES, run_epoch
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -103,20 +101,14 @@ def report(metrics: dict, model, preprocess, optimizer: torch.optim.Optimizer, r
 def restore(checkpoint: Checkpoint | None, model, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """Load model tensors and optimizer state from a checkpoint of `report`; return its epoch (0: none).
 
-    Everything is read without unpickling code: safetensors, and torch.load(weights_only=True).
+    The model's tensors are read and checked by `models.load_trained_tensors` (the checkpoint format's one
+    reader); the optimizer state with torch.load(weights_only=True). Nothing is unpickled.
     """
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        tensors = load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device))
+        load_trained_tensors(model, folder)
         state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location=device, weights_only=True)
-    expected = checkpoint_tensors(model, include_encoder=False)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise RuntimeError(f"checkpoint {checkpoint.path} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {checkpoint.path} holds tensors the model lacks: {result.unexpected_keys[:3]}")
     optimizer.load_state_dict(state["optimizer"])
     print(f"fetaliqa train: restored epoch {state['epoch']} from {checkpoint.path}", flush=True)
     return int(state["epoch"])
