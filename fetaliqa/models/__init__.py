@@ -23,7 +23,18 @@ from fetaliqa.models.checkpoint import (
 )
 from fetaliqa.models.baselines import PAPER_BASELINES, is_known_model
 from fetaliqa.models.encoders import MODEL_NAMES, LoraSpec, PreprocessSpec, seg_block_indices
-from fetaliqa.models.iqa import DEFAULT_THRESHOLD, TASKS, TRAINABLE, IQAModel, ModelSpec, build_model, model_info
+from fetaliqa.models.iqa import (
+    DEFAULT_THRESHOLD,
+    TASKS,
+    TRAINABLE,
+    IQAModel,
+    ModelSpec,
+    build_model,
+    default_trainable,
+    model_info,
+    paper_lora,
+    torch_seed,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -37,11 +48,14 @@ __all__ = [
     "ModelSpec",
     "PreprocessSpec",
     "build_model",
+    "default_trainable",
     "checkpoint_tensors",
     "is_known_model",
     "load_checkpoint",
     "load_trained_tensors",
     "model_info",
+    "paper_lora",
     "save_checkpoint",
     "seg_block_indices",
+    "torch_seed",
 ]

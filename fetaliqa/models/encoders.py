@@ -37,19 +37,30 @@ SEG_BLOCKS_OF_24 = (6, 8, 12, 24)
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """LoRA placement and size. `targets` are module names: `attn` (nn.MultiheadAttention: q, k, v via
-    in_proj and out_proj), `c_fc` and `c_proj` (the MLP's Linear layers)."""
+    in_proj and out_proj), `c_fc` and `c_proj` (the MLP's Linear layers). `linear_only` (timm encoders):
+    adapt only nn.Linear layers named as a target (fetaliqa's placement); False: any layer peft adapts whose
+    name ends in a target, as peft's own suffix match does (the paper's code, whose `proj` also caught the
+    Conv2d `patch_embed.proj`). Written to checkpoints only when False, so older checkpoints read as before."""
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1
     targets: tuple[str, ...] = ("attn", "c_fc", "c_proj")
+    linear_only: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        out = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        return out if self.linear_only else out | {"linear_only": False}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LoraSpec:
-        return cls(r=int(d["r"]), alpha=int(d["alpha"]), dropout=float(d["dropout"]), targets=tuple(d["targets"]))
+        return cls(r=int(d["r"]), alpha=int(d["alpha"]), dropout=float(d["dropout"]), targets=tuple(d["targets"]),
+                   linear_only=bool(d.get("linear_only", True)))
+
+
+# The paper's code's LoRA on FetalCLIP: c_fc, c_proj and out_proj, not the attention module. MHA reads
+# out_proj.weight directly, so the out_proj adapters (393,216 of its 2,359,296) never change the output.
+PAPER_FETALCLIP_LORA = LoraSpec(targets=("c_fc", "c_proj", "out_proj"))
 
 
 @dataclasses.dataclass(frozen=True)
