@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConsistencyMode
 
-from fetaliqa.models import DEFAULT_THRESHOLD, build_model, load_trained_tensors, save_checkpoint
+from fetaliqa.models import DEFAULT_THRESHOLD, build_model, load_trained_tensors, save_checkpoint, torch_seed
 from fetaliqa.training.step import LOSSES, run_epoch
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -38,6 +38,10 @@ class LoopConfig:
     seed, ...). `batch_size` is global: each of W workers takes batch_size // W frames per step."""
 
     model: dict[str, Any]
+    loss: str | None = None  # a key of step.LOSSES; None: the model's task's
+    # DDP must look for trainable parameters without a gradient when the model has some: the paper's
+    # out_proj-only LoRA on FetalCLIP is never used in the forward pass.
+    find_unused_parameters: bool = False
     epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-4
@@ -50,14 +54,17 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.model.get("seed", 0) * 1000 + rank)  # LoRA dropout: reproducible, distinct per rank
+    # LoRA dropout: reproducible, distinct per rank (torch_seed: the paper's seed exceeds int64).
+    torch.manual_seed(torch_seed(cfg.model.get("seed", 0) * 1000 + rank))
     model, preprocess = build_model(**cfg.model, storage_options=cfg.storage_options)
-    wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1; moved to the worker's device
+    wrapped = ray.train.torch.prepare_model(  # DDP when world > 1; moved to the worker's device
+        model, parallel_strategy_kwargs={"find_unused_parameters": cfg.find_unused_parameters})
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)
     start = restore(ray.train.get_checkpoint(), model, optimizer, device)
     per_worker = max(1, cfg.batch_size // world)
-    loss_fn = LOSSES[model.task]
+    loss_fn = LOSSES[cfg.loss or model.task]
+    trainable = sum(p.numel() for p in model.trainable_parameters())
 
     def batches(name: str):
         return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=per_worker, device=device)
@@ -69,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.no_grad():
             val_loss = run_epoch(model, loss_fn, batches("val"), preprocess, device)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "resumed_from_epoch": start,
-                   "replica_checksums": replica_checksums(model)}
+                   "trainable_parameters": trainable, "replica_checksums": replica_checksums(model)}
         report(metrics, model, preprocess, optimizer, rank)
         if epoch == start:
             _maybe_die_once(cfg.fault_marker, rank, world)
