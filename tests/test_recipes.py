@@ -115,3 +115,21 @@ def test_results_md_has_one_row_per_model_with_mean_std_and_trainable_parameters
            "0.7000 ± 0.0000 | 2,360,065 ± 0 |" in text
     assert "| timm:vgg16 CLS (full, paper recipe) | 0.9000 ± 0.0000 | 0.6000 ± 0.0000" in text
     assert text.count("mean ± std over 2 trials") == 2
+
+
+def test_paper_frames_on_ray_data_are_made_once_and_only_reshuffled(ray_local, archive):
+    from fetaliqa.training.data import frame_datasets, train_dataset
+
+    cases = list_cases(archive)
+    split = make_split([c.case_id for c in cases], read_circumferences(archive), PAPER_SEED, recipe="paper")
+    frames = frame_datasets(cases, split, "cls", paper_copies_seed=PAPER_SEED)
+    ac_frames = {part: sum(4 * len(split.sweeps[c]) for c in split.part(part)) for part in ("train", "val", "test")}
+    assert frames["train"].count() == 2 * ac_frames["train"]
+    assert frames["val"].count() == ac_frames["val"] and frames["test"].count() == ac_frames["test"]
+    made = frames["train"].to_pandas()
+    assert sorted(made["copy"].value_counts().tolist()) == [ac_frames["train"]] * 2
+    # an epoch's train set: the same rows, reshuffled, not augmented again (the trial seed exceeds int64)
+    epoch = train_dataset(frames["train"], PAPER_SEED + 1, augment=False).take_all()
+    assert set(epoch[0]) == {"image", "label"} and len(epoch) == len(made)
+    key = sorted(row["image"].tobytes() for row in epoch)
+    assert key == sorted(image.tobytes() for image in made["image"])
