@@ -83,8 +83,8 @@ def train(args: argparse.Namespace) -> int:
     runs = {}
     for model, model_weights in zip(args.model, weights):
         out = outputs.model_output(args.output, model, len(args.model))
-        trials = [run_trial(args, recipe, model, model_weights, split, frames, seed + k, outputs.trial_output(out, k, args.trials))
-                  for k in range(args.trials)]
+        trials = [run_trial(args, recipe, model, model_weights, split, frames, seed + k,
+                            outputs.trial_output(out, k, args.trials)) for k in range(args.trials)]
         runs[f"{model} {args.task.upper()} ({_mode(args, model)}, {recipe.name} recipe)"] = trials
     table = outputs.results_markdown(runs)
     outputs.write_text(join(args.output, outputs.RESULTS_FILE), table, so)

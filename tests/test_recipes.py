@@ -87,6 +87,9 @@ def test_info_reports_the_papers_lora_placement(capsys):
     assert paper["config"]["lora"]["targets"] == ["c_fc", "c_proj", "out_proj"]
     # 4 blocks of width 128: c_fc, c_proj r (128 + 512) each, out_proj r (128 + 128); + Linear(128, 1)
     assert paper["trainable_parameters"] == 4 * 8 * (2 * 640 + 256) + 129
+    assert info_job.main(["--model", "fetalclip-tiny", "--recipe", "paper", "--trainable", "full"]) == 0
+    full = json.loads(capsys.readouterr().out)  # the paper's ablation modes combine with its LoRA placement
+    assert full["config"]["trainable"] == "full" and full["trainable_parameters_by_mode"]["lora"] == paper["trainable_parameters"]
 
 
 def test_strict_rule_at_the_default_threshold_and_pooled_pixel_f_score():

@@ -267,7 +267,9 @@ def model_info(
     # timm models count on the meta device (no memory, no init: VGG-16 or a ViT-L in a second); open_clip
     # moves its model to the CPU explicitly, so FetalCLIP is built for real.
     with torch.device("meta") if is_timm_name(name) else contextlib.nullcontext():
-        model, preprocess = build_model(name, task, lora=lora, trainable=trainable)
+        # `lora` also sizes the "lora" entry of trainable_parameters_by_mode, whatever mode is built
+        model, preprocess = build_model(name, task, lora=lora if trainable in (None, "lora") else None,
+                                        trainable=trainable)
     counts: dict[str, Any] = {"parameters": 0, "trainable_parameters": 0, "image_tower_parameters": 0,
                               "lora_parameters": 0, "head_parameters": 0}
     for key, param in model.named_parameters():

@@ -80,7 +80,8 @@ def read_paper_frames(batch: dict[str, np.ndarray], with_masks: bool, copies: in
     n_frames = len(stack.frames)
     frames = selected_frames(list(batch["sweeps"][0]), n_frames)
     rng = np.random.default_rng([seed, zlib.crc32(case.case_id.encode())])
-    rows = [(f, k, *made) for f in frames for k, made in enumerate(paper_copies(stack.frames[f], masks[f], copies, rng))]
+    rows = [(f, k, *made) for f in frames
+            for k, made in enumerate(paper_copies(stack.frames[f], masks[f], copies, rng))]
     out = {
         "case_id": np.full(len(rows), case.case_id, dtype=object),
         "sweep": np.array([f // (n_frames // layout.SWEEPS_PER_CASE) + 1 for f, *_ in rows], np.int8),
@@ -113,7 +114,8 @@ def frame_datasets(cases: list[CaseRef], split: Split, task: str, storage_option
         if paper_copies_seed is None:
             read = read_frames
         else:
-            read, kwargs = read_paper_frames, kwargs | {"copies": 2 if part == "train" else 1, "seed": paper_copies_seed}
+            read = read_paper_frames
+            kwargs |= {"copies": 2 if part == "train" else 1, "seed": paper_copies_seed}
         ds = ray.data.from_items(items[part], override_num_blocks=len(items[part]))
         datasets[part] = ds.map_batches(read, batch_size=1, fn_kwargs=kwargs).materialize()
     return datasets

@@ -1,8 +1,9 @@
 """The protocol: a case-level 70/10/20 split with a fixed seed, AC sweeps only, label = mask present.
 
 Two splits: fetaliqa's (`split_cases`: independent of the ids' order) and the paper's code's
-(`paper_split_cases`: a permutation of the csv's uuid column in file order, with its seed). A `Split` is plain data (case ids and the 0-based sweeps selected per case) written to `<output>/split.json`
-so that a run can be audited and a rerun can check that it trains on the same cases.
+(`paper_split_cases`: a permutation of the csv's uuid column in file order, with its seed). A `Split` is
+plain data (case ids and the 0-based sweeps selected per case) written to `<output>/split.json` so that a
+run can be audited and a rerun can check that it trains on the same cases.
 """
 
 from __future__ import annotations
