@@ -448,7 +448,8 @@ def _list_text(values: list, limit: int = 10) -> str:
 def read_circumferences(
     root_url: str, storage_options: StorageOptions = None
 ) -> dict[str, list[float | None]]:
-    """Per-sweep abdominal circumferences: case id -> 6 values in mm (None where a sweep has none).
+    """Per-sweep abdominal circumferences: case id -> 6 values in mm (None where a sweep has none), in the
+    csv's row order (the paper's split depends on it).
 
     `root_url` is an ACOUSLIC root (the csv is `layout.CIRCUMFERENCES_CSV` below it) or the csv itself.
     The header must hold every column of `layout.CSV_COLUMNS` (in any order; other columns are

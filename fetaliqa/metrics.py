@@ -30,6 +30,7 @@ FRAME_TOLERANCE = 15  # the challenge's window, in frames, for the nearest annot
 CASE_METRIC_KEYS = ("wfss", "soft_dice", "nae_ac")
 # (key in a metrics dict, column header) of the paper's results table
 PAPER_COLUMNS = (("accuracy", "acc"), ("f1", "F1"), ("precision", "precision"), ("recall", "recall"))
+TRAINABLE_COLUMN = ("trainable_parameters", "trainable")
 
 
 # ---------------------------------------------------------------- frame classification
@@ -63,8 +64,9 @@ def _counts(labels: np.ndarray, predicted: np.ndarray) -> dict:
             "precision": float(precision), "recall": float(recall), "f1": float(f1)}
 
 
-def frame_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """Classification metrics of frame scores at `threshold` (positive prediction: score >= threshold).
+def frame_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, strict: bool = False) -> dict:
+    """Classification metrics of frame scores at `threshold` (positive prediction: score >= threshold, or
+    score > threshold when `strict`, the paper's code's rule).
 
     Parameters
     ----------
@@ -82,7 +84,7 @@ def frame_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     """
     labels = _binary_labels(labels)
     scores = _scores_like(scores, labels)
-    predicted = scores >= threshold
+    predicted = scores > threshold if strict else scores >= threshold
     both_classes = 0 < labels.sum() < labels.size
     return {"accuracy": float(accuracy_score(labels, predicted)),
             **_counts(labels, predicted),
@@ -164,17 +166,21 @@ def mean_std_table(runs: list[dict], keys=("accuracy", "f1", "precision", "recal
 
 
 def format_paper_table(rows: dict) -> str:
-    """Markdown table like the paper's: | model | acc | F1 | precision | recall |.
+    """Markdown table like the paper's: | model | acc | F1 | precision | recall | [trainable |].
 
     rows : {model name: {key: (mean, std)}} as `mean_std_table` returns; a missing key prints "-"
-        (the paper's SEG row has no accuracy). Returns one line per model, cells as
-        "0.7570 ± 0.0123", ending with a newline.
+        (the paper's SEG row has no accuracy). The trainable column appears when any row holds
+        "trainable_parameters" (counts, printed as "2,360,065 ± 0"). Returns one line per model, metric
+        cells as "0.7570 ± 0.0123", ending with a newline.
     """
-    lines = ["| model | " + " | ".join(header for _, header in PAPER_COLUMNS) + " |",
-             "|---" * (len(PAPER_COLUMNS) + 1) + "|"]
+    columns = PAPER_COLUMNS
+    if any(TRAINABLE_COLUMN[0] in table for table in rows.values()):
+        columns += (TRAINABLE_COLUMN,)
+    lines = ["| model | " + " | ".join(header for _, header in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model, table in rows.items():
-        cells = [f"{table[key][0]:.4f} ± {table[key][1]:.4f}" if key in table else "-"
-                 for key, _ in PAPER_COLUMNS]
+        cells = [("-" if key not in table else f"{table[key][0]:,.0f} ± {table[key][1]:,.0f}"
+                  if key == TRAINABLE_COLUMN[0] else f"{table[key][0]:.4f} ± {table[key][1]:.4f}")
+                 for key, _ in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

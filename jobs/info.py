@@ -1,4 +1,5 @@
-"""Print a model's parameter counts and config as JSON: `python -m jobs.info --model fetalclip --task cls`."""
+"""Print a model's parameter counts and config as JSON: `python -m jobs.info --model fetalclip --task cls`
+(`--recipe paper`: with the paper's LoRA placement, 2,360,065 trainable for that one)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from fetaliqa.models import MODEL_NAMES, PAPER_BASELINES, TRAINABLE, is_known_model, model_info
+from fetaliqa.training.recipes import RECIPES
 from jobs.common import run_recipe
 
 
@@ -24,12 +26,14 @@ def build_parser(prog: str = "python -m jobs.info") -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=("cls", "seg"), default="cls")
     parser.add_argument("--trainable", choices=TRAINABLE, default=None,
                         help="what trains: LoRA + head, head only, or everything (default: the paper's recipe)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="fetaliqa",
+                        help="whose LoRA placement: fetaliqa's (default) or the paper's code's")
     return parser
 
 
 def info(args: argparse.Namespace) -> int:
     try:
-        info_ = model_info(args.model, args.task, trainable=args.trainable)
+        info_ = model_info(args.model, args.task, RECIPES[args.recipe].lora(args.model), trainable=args.trainable)
     except ValueError as err:  # e.g. SEG on a CNN baseline, LoRA on a CNN
         print(f"fetaliqa info: error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ from fetaliqa.training.augment import (
     augment_frame,
     clahe,
     jitter,
+    pad_to_square,
+    paper_augment,
+    paper_copies,
     warp,
 )
 
@@ -106,3 +109,58 @@ def test_augment_batch_replaces_image_and_mask_and_is_a_function_of_its_batch():
     cls_batch = {k: v for k, v in batch.items() if k != "mask"}
     assert set(augment_batch(cls_batch, seed=0)) == set(cls_batch)  # CLS frames carry no mask
     assert np.array_equal(batch["mask"], mask)  # inputs untouched
+
+
+# ------------------------------------------------------------------------------- the paper's recipe
+
+def native_case(height=30, width=40):
+    """A native frame (H, W) with an ellipse of label 2 near its right edge, and its mask."""
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, (37, 15), (2, 2), 0, 0, 360, 2, thickness=-1)
+    frame = (np.arange(height * width).reshape(height, width) % 200 + 20).astype(np.uint8)
+    return frame, mask
+
+
+def test_paper_copy_0_is_the_plain_padded_frame_resized_cubic_and_its_mask_nearest():
+    frame, mask = native_case()
+    padded = np.zeros((40, 40), np.uint8)
+    padded[5:35] = frame  # (40 - 30) // 2 = 5 rows on top
+    padded_mask = np.zeros((40, 40), np.uint8)
+    padded_mask[5:35] = mask > 0
+    [(image, label_mask, label)] = paper_copies(frame, mask, copies=1, rng=np.random.default_rng(0), size=16)
+    assert np.array_equal(pad_to_square(frame), padded)
+    assert np.array_equal(image, cv2.resize(padded, (16, 16), interpolation=cv2.INTER_CUBIC))
+    assert np.array_equal(label_mask, cv2.resize(padded_mask, (16, 16), interpolation=cv2.INTER_NEAREST))
+    assert not np.array_equal(image, cv2.resize(padded, (16, 16), interpolation=cv2.INTER_LINEAR))
+    assert set(np.unique(label_mask)) == {0, 1} and label == 1
+
+
+def test_paper_copy_1_is_augmented_at_native_size_and_its_label_recomputed_after_the_affine():
+    frame, mask = native_case()
+    labels = []
+    for seed in range(40):
+        copies = paper_copies(frame, mask, copies=2, rng=np.random.default_rng(seed), size=16)
+        assert len(copies) == 2 and copies[0][2] == 1
+        image, label_mask, label = copies[1]
+        assert image.shape == label_mask.shape == (16, 16) and image.dtype == label_mask.dtype == np.uint8
+        assert label == int(label_mask.any())  # from the copy's own mask, after the affine and the resize
+        # The same geometry on image and mask: redo the draws (paper_augment consumes them in order).
+        aug_image, aug_mask = paper_augment(pad_to_square(frame), (pad_to_square(mask) > 0).astype(np.uint8),
+                                            np.random.default_rng(seed))
+        assert np.array_equal(image, cv2.resize(aug_image, (16, 16), interpolation=cv2.INTER_CUBIC))
+        assert np.array_equal(label_mask, cv2.resize(aug_mask, (16, 16), interpolation=cv2.INTER_NEAREST))
+        labels.append(label)
+    # The abdomen sits near the edge: some shifts take it out of the frame, and those copies are negatives.
+    assert 0 < sum(labels) < len(labels)
+
+
+def test_paper_augment_jitters_half_the_time_and_moves_always():
+    image = (np.arange(64 * 64).reshape(64, 64) % 97 + 60).astype(np.uint8)
+    dot = np.zeros((64, 64), np.uint8)
+    dot[31:33, 31:33] = 1
+    rng = np.random.default_rng(3)
+    moved = sum(not np.array_equal(paper_augment(image, dot, rng)[1], dot) for _ in range(100))
+    assert moved >= 95
+    no_affine = AugmentSpec(translate=0.0, rotate_deg=0.0, clahe_p=0.0)
+    jittered = sum(not np.array_equal(paper_augment(image, dot, rng, no_affine)[0], image) for _ in range(400))
+    assert 150 < jittered < 250  # p = 0.5

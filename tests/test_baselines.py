@@ -24,6 +24,7 @@ from fetaliqa.models import (
     is_known_model,
     load_checkpoint,
     model_info,
+    paper_lora,
     save_checkpoint,
 )
 
@@ -312,3 +313,24 @@ def test_model_info_per_mode_and_meta_counts_match_a_real_build():
     vit = model_info(VIT, trainable="linear")
     assert vit["trainable_parameters"] == vit["head_parameters"] and vit["config"]["lora"] is None
     assert vit["trainable_parameters_by_mode"]["lora"] == model_info(VIT)["trainable_parameters"]
+
+
+def test_paper_lora_on_timm_transformers_matches_peft_suffixes_conv_included():
+    # The paper's code: proj, fc1, fc2 by peft's suffix match, so the patch embedding's Conv2d `proj` too:
+    # LoRA A is a conv with the patch kernel (3 -> 8 channels), B a 1x1 conv (8 -> width).
+    conv = {"timm:deit3_large_patch16_224": 3 * 8 * 16 * 16 + 8 * 1024,
+            "timm:vit_large_patch14_clip_224.laion2b": 3 * 8 * 14 * 14 + 8 * 1024,
+            "timm:swin_large_patch4_window7_224": 3 * 8 * 4 * 4 + 8 * 192}
+    widths = {"timm:deit3_large_patch16_224": VIT_L_WIDTHS, "timm:vit_large_patch14_clip_224.laion2b": VIT_L_WIDTHS,
+              "timm:swin_large_patch4_window7_224": SWIN_L_WIDTHS}
+    for name, extra in conv.items():
+        info = model_info(name, "cls", lora=paper_lora(name))
+        assert info["lora_parameters"] == lora_count(widths[name], ("proj", "fc1", "fc2")) + extra, name
+        assert info["config"]["lora"] == {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["proj", "fc1", "fc2"],
+                                          "linear_only": False}
+    # The paper's table: 1.7M (Swin-L) and 2.4M (DeiT-III-L, CLIP ViT-L), to its rounding.
+    assert round(model_info("timm:swin_large_patch4_window7_224", lora=paper_lora("timm:x"))["trainable_parameters"] / 1e6, 1) == 1.7
+    model, _ = build_model(VIT, lora=paper_lora(VIT))
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.encoder.named_parameters() if ".lora_" in n}
+    assert "patch_embed.proj" in adapted and not any(n.endswith("qkv") for n in adapted)
+    assert isinstance(model.encoder.get_submodule("patch_embed.proj").base_layer, torch.nn.Conv2d)

@@ -20,6 +20,7 @@ from fetaliqa.models import (
     LoraSpec,
     build_model,
     load_checkpoint,
+    load_trained_tensors,
     save_checkpoint,
 )
 
@@ -297,3 +298,22 @@ def test_unserialisable_metrics_write_nothing(tmp_path):
         save_checkpoint(model, str(tmp_path / "ckpt"), threshold=0.5, preprocess=preprocess,
                         metrics={"confusion": object()})
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_resume_reads_the_checkpoint_into_a_built_model_with_the_same_checks(saved, tmp_path):
+    # What `training.loop.restore` does: the checkpoint's tensors into a model built from the same arguments.
+    model, preprocess = build_model(TINY, "cls", seed=3)
+    trained(model)
+    url = str(tmp_path / "epoch")
+    save_checkpoint(model, url, threshold=0.5, preprocess=preprocess)
+    fresh, _ = build_model(TINY, "cls", seed=3)
+    assert load_trained_tensors(fresh, url)["model"] == TINY
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    seg, _ = build_model(TINY, "seg", seed=3)
+    with pytest.raises(CheckpointError, match="not fetalclip-tiny seg"):
+        load_trained_tensors(seg, url)
+    bad_url, fs, path = saved
+    replace_tensors(fs, path, lambda t: t.pop("head.bias"))
+    with pytest.raises(CheckpointError, match="missing tensors: head.bias"):
+        load_trained_tensors(build_model(TINY, "cls", seed=3)[0], bad_url)

@@ -22,8 +22,10 @@ from fetaliqa.models import (
     PreprocessSpec,
     build_model,
     model_info,
+    paper_lora,
     save_checkpoint,
     seg_block_indices,
+    torch_seed,
 )
 
 TINY = "fetalclip-tiny"
@@ -420,3 +422,30 @@ def test_fetalclip_seg_counts():
     assert info["trainable_parameters"] == info["lora_parameters"] + info["head_parameters"]
     assert info["config"]["seg_blocks"] == [6, 8, 12, 24]
     assert 1_000_000 < info["head_parameters"] < 3_000_000  # paper: 4.0M trainable in all
+
+
+def test_paper_lora_on_fetalclip_counts_2_360_065_and_its_out_proj_adapters_change_nothing():
+    # The full ViT-L/14 is built on CPU for counting only (~5 s here).
+    info = model_info("fetalclip", "cls", lora=paper_lora("fetalclip"))
+    assert info["lora_parameters"] == 24 * 8 * (2 * (1024 + 4096) + 2 * 1024) == 2_359_296
+    assert info["trainable_parameters"] == 2_360_065 and info["head_parameters"] == 769
+    assert info["config"]["lora"]["targets"] == ["c_fc", "c_proj", "out_proj"]
+    model, _ = build_model(TINY, lora=paper_lora(TINY))
+    model.eval()
+    assert {lora_kind(n) for n, _ in model.encoder.named_parameters() if lora_kind(n)} == {"out", "c_fc", "c_proj"}
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        set_lora_b(model, "out")
+        assert torch.equal(model(x), before)  # dead, as in the paper's code
+        set_lora_b(model, "c_fc")
+        assert not torch.allclose(model(x), before)
+
+
+def test_seeds_beyond_int64_reach_torch_reduced_modulo_2_63():
+    paper_seed = 9872398152123123767126
+    assert torch_seed(paper_seed) == paper_seed % 2**63 and torch_seed(5) == 5
+    a, _ = build_model(TINY, seed=paper_seed + 1)
+    b, _ = build_model(TINY, seed=(paper_seed + 1) % 2**63)
+    c, _ = build_model(TINY, seed=paper_seed + 2)
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)

@@ -14,7 +14,9 @@ from fetaliqa.training.protocol import (
     SPLIT_FILE,
     frame_labels,
     load_split,
+    PAPER_SEED,
     make_split,
+    paper_split_cases,
     save_split,
     selected_frames,
     split_cases,
@@ -101,3 +103,45 @@ def test_a_split_with_an_empty_part_is_refused_before_any_work(archive):
     split = make_split([c.case_id for c in cases], read_circumferences(archive), seed=0)
     with pytest.raises(FetaliqaError, match="val part"):
         frame_datasets(cases, split, "cls")
+
+
+def paper_rule(csv_ids: list[str], seed: int) -> dict[str, list[str]]:
+    """The paper's preprocess.py rule, written out here: permute the uuid column, cut at int(0.7 n), int(0.8 n)."""
+    order = np.random.default_rng(seed).permutation(len(csv_ids))
+    names = [csv_ids[i] for i in order]
+    n = len(names)
+    return {"train": names[:int(0.7 * n)], "val": names[int(0.7 * n):int((1 - 0.2) * n)], "test": names[int((1 - 0.2) * n):]}
+
+
+@pytest.mark.parametrize("n", [300, 30, 7])
+def test_paper_split_is_the_papers_rule_for_any_csv_order_and_seed(n):
+    rng = np.random.default_rng(n)
+    csv_ids = [f"{rng.integers(16**8):08x}-uuid-{i}" for i in range(n)]
+    for seed in (PAPER_SEED, 0, 12345):
+        for ids in (csv_ids, csv_ids[::-1], [csv_ids[i] for i in rng.permutation(n)]):
+            assert paper_split_cases(ids, seed) == paper_rule(ids, seed)
+    assert [len(paper_split_cases(csv_ids)[p]) for p in ("train", "val", "test")] == \
+        {300: [210, 30, 60], 30: [21, 3, 6], 7: [4, 1, 2]}[n]
+    assert paper_split_cases(csv_ids) != paper_split_cases(csv_ids[::-1])  # file order matters, as in its code
+
+
+def test_paper_recipe_splits_the_csv_in_file_order_and_writes_the_lists(tmp_path):
+    csv_ids = [f"case-{i:02d}" for i in np.random.default_rng(1).permutation(30)]  # not sorted
+    circumferences = {case: [None, 12.5, None, None, None, None] for case in csv_ids}
+    split = make_split(sorted(csv_ids) + ["not-in-csv"], circumferences, PAPER_SEED, recipe="paper")
+    assert {p: split.part(p) for p in ("train", "val", "test")} == paper_rule(csv_ids, PAPER_SEED)
+    assert "not-in-csv" not in split.sweeps
+    save_split(split, str(tmp_path))
+    written = json.loads((tmp_path / SPLIT_FILE).read_text())
+    assert written["seed"] == PAPER_SEED and written["recipe"] == "paper"  # a Python int of any size in JSON
+    assert {p: written[p] for p in ("train", "val", "test")} == paper_rule(csv_ids, PAPER_SEED)
+    assert load_split(str(tmp_path)) == split
+    with pytest.raises(FetaliqaError, match="no image"):
+        make_split(csv_ids[1:], circumferences, PAPER_SEED, recipe="paper")
+
+
+def test_circumferences_keep_the_csv_row_order(tmp_path):
+    ids = ["c", "a", "d", "b"]
+    header = "uuid,subject_id," + ",".join(f"sweep_{i}_ac_mm" for i in range(1, 7))
+    (tmp_path / "ac.csv").write_text("\n".join([header] + [f"{u},1,,,,,,{i + 100}" for i, u in enumerate(ids)]) + "\n")
+    assert list(read_circumferences(str(tmp_path / "ac.csv"))) == ids

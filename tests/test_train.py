@@ -38,8 +38,9 @@ def train_archive(tmp_path_factory) -> Path:
 
 
 def train_flags(archive, output, task="cls", workers=2, epochs=2, *extra) -> list[str]:
+    # --full-finetune: fetalclip-tiny has no pretrained weights, and LoRA on a random encoder is refused.
     return ["--data", str(archive), "--task", task, "--model", MODEL, "--output", str(output),
-            "--workers", str(workers), "--epochs", str(epochs), "--batch-size", "8", *extra]
+            "--workers", str(workers), "--epochs", str(epochs), "--batch-size", "8", "--full-finetune", *extra]
 
 
 def ray_checkpoints(output: Path) -> dict[str, dict]:
@@ -92,7 +93,8 @@ def test_cls_run_survives_a_killed_worker_exports_its_best_epoch_and_is_not_retr
         test = metrics["test"][name]
         assert test["threshold"] == at and test["n"] == metrics["test_frames"]
         assert {"accuracy", "f1", "precision", "recall", "specificity", "auroc", "auprc", "confusion_matrix"} <= set(test)
-    assert "| fetalclip-tiny CLS (paper recipe) |" in (out / "results.md").read_text()
+    assert "| fetalclip-tiny CLS (full, fetaliqa recipe) |" in (out / "results.md").read_text()
+    assert metrics["trainable_parameters"] == sum(p.numel() for p in build_model(MODEL, trainable="full")[0].parameters())
 
     # The scoring job takes the checkpoint as it is (here on the test cases, listed in a .txt).
     listing, scored = tmp_path / "test-cases.txt", tmp_path / "scores"

@@ -14,10 +14,27 @@ CPU tests and demos. The paper's baselines are timm models by name, trained in t
     model, preprocess = build_model("fetalclip", "cls", weights=..., trainable="linear")  # head only
 """
 
-from fetaliqa.models.checkpoint import FORMAT_VERSION, checkpoint_tensors, load_checkpoint, save_checkpoint
+from fetaliqa.models.checkpoint import (
+    FORMAT_VERSION,
+    checkpoint_tensors,
+    load_checkpoint,
+    load_trained_tensors,
+    save_checkpoint,
+)
 from fetaliqa.models.baselines import PAPER_BASELINES, is_known_model
 from fetaliqa.models.encoders import MODEL_NAMES, LoraSpec, PreprocessSpec, seg_block_indices
-from fetaliqa.models.iqa import DEFAULT_THRESHOLD, TASKS, TRAINABLE, IQAModel, ModelSpec, build_model, model_info
+from fetaliqa.models.iqa import (
+    DEFAULT_THRESHOLD,
+    TASKS,
+    TRAINABLE,
+    IQAModel,
+    ModelSpec,
+    build_model,
+    default_trainable,
+    model_info,
+    paper_lora,
+    torch_seed,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -31,10 +48,14 @@ __all__ = [
     "ModelSpec",
     "PreprocessSpec",
     "build_model",
+    "default_trainable",
     "checkpoint_tensors",
     "is_known_model",
     "load_checkpoint",
+    "load_trained_tensors",
     "model_info",
+    "paper_lora",
     "save_checkpoint",
     "seg_block_indices",
+    "torch_seed",
 ]

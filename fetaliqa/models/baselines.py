@@ -40,6 +40,10 @@ PAPER_BASELINES: dict[str, str] = {
     "timm:vit_large_patch14_clip_224.laion2b": "lora",
 }
 
+# The paper's code's LoRA on timm transformers: peft's suffix match on proj, fc1, fc2 (no qkv), which also
+# adapts the Conv2d patch_embed.proj of ViTs and Swin.
+PAPER_TIMM_LORA = LoraSpec(targets=("proj", "fc1", "fc2"), linear_only=False)
+
 # open_clip LoRA targets -> their timm counterparts (timm's Attention.qkv / .proj, Mlp.fc1 / .fc2);
 # other names pass through, so a LoraSpec written with timm names is used as is.
 TIMM_LORA_TARGETS = {"attn": ("qkv", "proj"), "c_fc": ("fc1",), "c_proj": ("fc2",)}
@@ -126,11 +130,13 @@ def timm_lora_targets(spec: LoraSpec) -> tuple[str, ...]:
 
 
 def inject_timm_lora(encoder: nn.Module, spec: LoraSpec, name: str) -> LoraSpec:
-    """Freeze `encoder` and put LoRA on its Linear layers named (last component) as the targets; returns
-    the spec with timm target names, as recorded in checkpoints. Only nn.Linear is adapted: a ViT's
-    `patch_embed.proj` is a Conv2d and keeps its pretrained weights. ValueError if nothing matches."""
+    """Freeze `encoder` and put LoRA on its layers named (last component) as the targets; returns the spec
+    with timm target names, as recorded in checkpoints. With `spec.linear_only` (the default) only nn.Linear
+    is adapted and a ViT's `patch_embed.proj` (a Conv2d) keeps its pretrained weights; without it, every
+    layer so named (the paper's code). ValueError if nothing matches."""
     targets = timm_lora_targets(spec)
-    modules = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    modules = [n for n, m in encoder.named_modules() if n.rsplit(".", 1)[-1] in targets
+               and (isinstance(m, nn.Linear) or (not spec.linear_only and isinstance(m, (nn.Linear, nn.Conv2d))))]
     if not modules:
         raise ValueError(f"{name}: no Linear layer named {', '.join(targets)} to put LoRA on; train this "
                          "encoder with trainable='full' (the paper's recipe for CNNs) or 'linear'")

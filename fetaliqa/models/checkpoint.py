@@ -21,7 +21,7 @@ import torch
 import fetaliqa
 from fetaliqa.errors import BadUrlError, CheckpointError
 from fetaliqa.models.baselines import check_model_name
-from fetaliqa.models.encoders import LoraSpec, PreprocessSpec, is_lora_key, some_items
+from fetaliqa.models.encoders import LoraSpec, PreprocessSpec, is_lora_key, state_problems
 from fetaliqa.models.iqa import TASKS, TRAINABLE, IQAModel, ModelSpec, build_model
 from fetaliqa.storage import StorageOptions, describe_io_error, filesystem, join
 
@@ -82,17 +82,8 @@ def load_checkpoint(
     missing or corrupt checkpoint or one whose tensors do not fit the model it names; WeightsError for
     unusable base weights.
     """
-    try:
-        fs, root = filesystem(url, storage_options)
-    except BadUrlError as err:
-        raise CheckpointError(str(err)) from err
-    meta = _parse_meta(_read(fs, join(root, META_FILE), url), url)
+    meta, tensors = _read_checkpoint(url, storage_options)
     spec = _spec(meta, url)
-    data = _read(fs, join(root, WEIGHTS_FILE), url)
-    if _digest(data) != meta["checkpoint_id"]:
-        raise CheckpointError(f"{url}: {WEIGHTS_FILE} does not match checkpoint_id {meta['checkpoint_id']} "
-                              "(corrupt, truncated or replaced)")
-    tensors = _parse_tensors(data, url)
     weights = None
     if not meta["includes_encoder"]:
         weights = base_weights or meta.get("base_weights")
@@ -103,6 +94,20 @@ def load_checkpoint(
                            decoder_channels=spec.decoder_channels, trainable=spec.trainable)
     _load_tensors(model, tensors, meta["includes_encoder"], url)
     return model.to(device).eval(), meta
+
+
+def load_trained_tensors(model: IQAModel, url: str, storage_options: StorageOptions = None) -> dict[str, Any]:
+    """Copy the tensors of the checkpoint at `url` into `model`, which is already built as the checkpoint
+    describes (training resumes this way); returns the fetaliqa.json dict.
+
+    The same reading and the same key and shape checks as `load_checkpoint`: CheckpointError naming `url`
+    for a missing, corrupt or mismatched checkpoint, or one of another model or task.
+    """
+    meta, tensors = _read_checkpoint(url, storage_options)
+    if (meta["model"], meta["task"]) != (model.name, model.task):
+        raise CheckpointError(f"{url}: a checkpoint of {meta['model']} {meta['task']}, not {model.name} {model.task}")
+    _load_tensors(model, tensors, meta["includes_encoder"], url)
+    return meta
 
 
 def checkpoint_tensors(model: IQAModel, include_encoder: bool) -> dict[str, torch.Tensor]:
@@ -152,6 +157,21 @@ def _jsonable(obj: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
+
+
+def _read_checkpoint(url: str, storage_options: StorageOptions) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(fetaliqa.json dict, tensors of weights.safetensors on CPU) of the checkpoint folder `url`, the
+    weights checked against the recorded checkpoint_id; CheckpointError naming `url` otherwise."""
+    try:
+        fs, root = filesystem(url, storage_options)
+    except BadUrlError as err:
+        raise CheckpointError(str(err)) from err
+    meta = _parse_meta(_read(fs, join(root, META_FILE), url), url)
+    data = _read(fs, join(root, WEIGHTS_FILE), url)
+    if _digest(data) != meta["checkpoint_id"]:
+        raise CheckpointError(f"{url}: {WEIGHTS_FILE} does not match checkpoint_id {meta['checkpoint_id']} "
+                              "(corrupt, truncated or replaced)")
+    return meta, _parse_tensors(data, url)
 
 
 def _read(fs: Any, path: str, url: str) -> bytes:
@@ -214,14 +234,8 @@ def _parse_tensors(data: bytes, url: str) -> dict[str, torch.Tensor]:
 
 
 def _load_tensors(model: IQAModel, tensors: dict[str, torch.Tensor], includes_encoder: bool, url: str) -> None:
-    """Copy `tensors` into `model` after checking that keys and shapes match exactly."""
-    expected = checkpoint_tensors(model, includes_encoder)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    problems = [f"{label}: {some_items(keys)}" for label, keys in
-                (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if keys]
+    """Copy `tensors` into `model` after checking that keys and shapes match exactly (`state_problems`)."""
+    problems = state_problems(checkpoint_tensors(model, includes_encoder), tensors, "tensors")
     if problems:
         raise CheckpointError(f"{url}: {WEIGHTS_FILE} does not fit model {model.name!r} ({'; '.join(problems)})")
     result = model.load_state_dict(tensors, strict=False)

@@ -37,19 +37,30 @@ SEG_BLOCKS_OF_24 = (6, 8, 12, 24)
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """LoRA placement and size. `targets` are module names: `attn` (nn.MultiheadAttention: q, k, v via
-    in_proj and out_proj), `c_fc` and `c_proj` (the MLP's Linear layers)."""
+    in_proj and out_proj), `c_fc` and `c_proj` (the MLP's Linear layers). `linear_only` (timm encoders):
+    adapt only nn.Linear layers named as a target (fetaliqa's placement); False: any layer peft adapts whose
+    name ends in a target, as peft's own suffix match does (the paper's code, whose `proj` also caught the
+    Conv2d `patch_embed.proj`). Written to checkpoints only when False, so older checkpoints read as before."""
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1
     targets: tuple[str, ...] = ("attn", "c_fc", "c_proj")
+    linear_only: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        out = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+        return out if self.linear_only else out | {"linear_only": False}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LoraSpec:
-        return cls(r=int(d["r"]), alpha=int(d["alpha"]), dropout=float(d["dropout"]), targets=tuple(d["targets"]))
+        return cls(r=int(d["r"]), alpha=int(d["alpha"]), dropout=float(d["dropout"]), targets=tuple(d["targets"]),
+                   linear_only=bool(d.get("linear_only", True)))
+
+
+# The paper's code's LoRA on FetalCLIP: c_fc, c_proj and out_proj, not the attention module. MHA reads
+# out_proj.weight directly, so the out_proj adapters (393,216 of its 2,359,296) never change the output.
+PAPER_FETALCLIP_LORA = LoraSpec(targets=("c_fc", "c_proj", "out_proj"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,18 +139,24 @@ def load_tower_weights(visual: VisionTransformer, url: str, storage_options: Sto
 
 
 def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], url: str, what: str) -> None:
-    """`module.load_state_dict(state, strict=True)` after checking keys and shapes: WeightsError (one line
-    naming `url` and `what`) listing missing keys, unexpected keys and wrong shapes."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = [f"{label}: {some_items(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+    """`module.load_state_dict(state, strict=True)` after `state_problems`: WeightsError (one line naming
+    `url` and `what`) listing missing keys, unexpected keys and wrong shapes."""
+    problems = state_problems(module.state_dict(), state, "keys")
     if problems:
         raise WeightsError(f"{url}: weights do not fit {what} ({'; '.join(problems)})")
     module.load_state_dict(state, strict=True)
+
+
+def state_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], noun: str) -> list[str]:
+    """What keeps `given` from loading as exactly `expected` (both name -> tensor): missing `noun`,
+    unexpected `noun` and wrong shapes, each a short text naming a few; [] when they fit. The one key and
+    shape check of pretrained weights (here) and of checkpoints (`checkpoint.py`)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [f"{k} {tuple(given[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in given and tuple(given[k].shape) != tuple(v.shape)]
+    return [f"{label}: {some_items(keys)}" for label, keys in
+            ((f"missing {noun}", missing), (f"unexpected {noun}", unexpected), ("wrong shapes", wrong)) if keys]
 
 
 def read_state_dict(url: str, storage_options: StorageOptions) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from fetaliqa.models.baselines import (
+    PAPER_TIMM_LORA,
     check_model_name,
     create_timm_encoder,
     feature_dim,
@@ -30,6 +31,7 @@ from fetaliqa.models.baselines import (
     timm_vit_depth,
 )
 from fetaliqa.models.encoders import (
+    PAPER_FETALCLIP_LORA,
     LoraSpec,
     PreprocessSpec,
     create_image_tower,
@@ -171,7 +173,7 @@ def build_model(
     timm_model = is_timm_name(name)
     decoder_channels = (decoder_channels or DECODER_CHANNELS.get(name, 16)) if task == "seg" else None
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # CPU only: leaves CUDA RNG state alone
+        torch.default_generator.manual_seed(torch_seed(seed))  # CPU only: leaves CUDA RNG state alone
         encoder = create_timm_encoder(name) if timm_model else create_image_tower(name)
         if weights is not None:
             (load_timm_weights if timm_model else load_tower_weights)(encoder, weights, storage_options)
@@ -194,6 +196,27 @@ def build_model(
                      trainable=mode)
     preprocess = timm_preprocess_spec(encoder) if timm_model else preprocess_spec(encoder)
     return IQAModel(spec, encoder, head), preprocess
+
+
+def torch_seed(seed: int) -> int:
+    """`seed` as torch's generators take it: modulo 2**63. The paper's seed (9872398152123123767126) and the
+    trial seeds derived from it do not fit in int64; numpy's generators take them whole, torch's do not."""
+    return seed % 2**63
+
+
+def paper_lora(name: str) -> LoraSpec:
+    """The LoRA the paper's code put on `name`'s encoder: c_fc, c_proj, out_proj on open_clip towers;
+    proj, fc1, fc2 by peft's suffix match (Conv2d included) on timm models."""
+    return PAPER_TIMM_LORA if is_timm_name(name) else PAPER_FETALCLIP_LORA
+
+
+def default_trainable(name: str) -> str:
+    """The mode `build_model(trainable=None)` gives `name` with a LoraSpec: "lora" for transformers, "full"
+    for CNNs. Decided without weights or memory (timm models are built on the meta device)."""
+    if not is_timm_name(name):
+        return "lora"  # open_clip towers here are ViTs
+    with torch.device("meta"):
+        return "lora" if has_attention(create_timm_encoder(name)) else "full"
 
 
 def _resolve_trainable(encoder: nn.Module, trainable: str | None, lora: LoraSpec | None) -> str:
@@ -244,7 +267,9 @@ def model_info(
     # timm models count on the meta device (no memory, no init: VGG-16 or a ViT-L in a second); open_clip
     # moves its model to the CPU explicitly, so FetalCLIP is built for real.
     with torch.device("meta") if is_timm_name(name) else contextlib.nullcontext():
-        model, preprocess = build_model(name, task, lora=lora, trainable=trainable)
+        # `lora` also sizes the "lora" entry of trainable_parameters_by_mode, whatever mode is built
+        model, preprocess = build_model(name, task, lora=lora if trainable in (None, "lora") else None,
+                                        trainable=trainable)
     counts: dict[str, Any] = {"parameters": 0, "trainable_parameters": 0, "image_tower_parameters": 0,
                               "lora_parameters": 0, "head_parameters": 0}
     for key, param in model.named_parameters():

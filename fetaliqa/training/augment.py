@@ -1,10 +1,17 @@
-"""Train-time augmentation of model-resolution frames: colour jitter, CLAHE, affine (the paper's three).
+"""Train-time augmentation: colour jitter, CLAHE, affine (the paper's three), in two recipes.
 
-Shapes: an image is ``(S, S)`` uint8 (a preprocessed frame, S = 224), a mask ``(S, S)`` uint8 in {0, 1}.
-Every transform returns the dtype and shape it was given. The array transforms are deterministic given
-their parameters; `augment_frame` draws the parameters once from a `numpy.random.Generator` and applies
-the same geometry to the image (bilinear) and the mask (nearest), so the two stay aligned.
-`augment_batch` is the Ray Data UDF over a batch of frames.
+fetaliqa: every epoch, on model-resolution frames: an image is ``(S, S)`` uint8 (a preprocessed frame,
+S = 224), a mask ``(S, S)`` uint8 in {0, 1}. `augment_frame` draws the parameters once from a
+`numpy.random.Generator` and applies the same geometry to the image (bilinear) and the mask (nearest), so
+the two stay aligned; `augment_batch` is the Ray Data UDF over a batch of frames.
+
+paper (its preprocess.py, done once): the native frame and its label mask are padded to a square
+``(L, L)`` (L = max(H, W)); copy 0 is kept as it is, copy 1 is augmented at that size (`paper_augment`:
+ColorJitter(0.2, 0.2) with p 0.5 in random order, CLAHE with p 0.5, then always an affine with linear
+image and nearest mask interpolation, constant 0 border); each copy is then resized to 224 (`paper_resize`:
+cv2 INTER_CUBIC for images, INTER_NEAREST for masks) and labelled from its own resized mask.
+Every transform returns the dtype it was given. The array transforms are deterministic given their
+parameters.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from fetaliqa.preprocess import square_padding
 
 
 @dataclass(frozen=True)
@@ -97,4 +106,62 @@ def augment_batch(batch: dict[str, np.ndarray], seed: int, spec: AugmentSpec = A
         out["image"][i] = image
         if has_mask:
             out["mask"][i] = mask
+    return out
+
+
+PAPER_JITTER_P = 0.5  # the paper's ColorJitter(0.2, 0.2, p=0.5); fetaliqa jitters every frame
+PAPER_SIZE = 224
+
+
+def pad_to_square(frame: np.ndarray) -> np.ndarray:
+    """(H, W) -> (L, L), L = max(H, W), zeros around, centred as `preprocess.square_padding` (the extra
+    row or column of an odd difference at the bottom or right, as the paper's pad_to_square)."""
+    side, top, left = square_padding(*frame.shape)
+    out = np.zeros((side, side), frame.dtype)
+    out[top:top + frame.shape[0], left:left + frame.shape[1]] = frame
+    return out
+
+
+def paper_resize(image: np.ndarray, mask: np.ndarray, size: int = PAPER_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(L, L) uint8 image and mask -> (size, size) uint8 each: cv2 INTER_CUBIC for the image, INTER_NEAREST
+    for the mask (albumentations' Resize(interpolation=cv2.INTER_CUBIC, mask_interpolation=0))."""
+    return (cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC),
+            cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+
+
+def paper_augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                  spec: AugmentSpec = AugmentSpec()) -> tuple[np.ndarray, np.ndarray]:  # noqa: B008
+    """The paper's train_aug on a padded (L, L) uint8 image and its (L, L) uint8 label mask, same shapes out.
+
+    Brightness and contrast (each factor from [0.8, 1.2]) in a random order with probability
+    `PAPER_JITTER_P` (albumentations' ColorJitter shuffles its steps), CLAHE with `spec.clahe_p`, then an
+    affine for image and mask alike: translation up to `spec.translate` of the side along x and along y
+    (drawn apart), rotation up to `spec.rotate_deg`, about the centre; the mask's values are kept (nearest).
+    """
+    out = image
+    if rng.random() < PAPER_JITTER_P:
+        b, c = rng.uniform(1 - spec.brightness, 1 + spec.brightness), rng.uniform(1 - spec.contrast, 1 + spec.contrast)
+        steps = [(b, 1.0), (1.0, c)]
+        for brightness, contrast in (steps if rng.random() < 0.5 else steps[::-1]):
+            out = jitter(out, brightness, contrast)
+    if rng.random() < spec.clahe_p:
+        out = clahe(out, rng.uniform(*spec.clahe_clip), spec.clahe_tiles)
+    side = image.shape[0]
+    shift = rng.uniform(-spec.translate, spec.translate, size=2) * side
+    matrix = affine_matrix(side, (shift[0], shift[1]), rng.uniform(-spec.rotate_deg, spec.rotate_deg))
+    return warp(out, matrix), warp(mask, matrix, nearest=True)
+
+
+def paper_copies(frame: np.ndarray, mask: np.ndarray, copies: int, rng: np.random.Generator,
+                 size: int = PAPER_SIZE) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The paper's preprocessing of one native frame (H, W) uint8 and its label mask (H, W) uint8 {0, 1, 2}:
+    `copies` x (image (size, size) uint8, mask (size, size) uint8 {0, 1}, label 0/1). Copy 0 is the padded
+    frame resized; copies 1.. are `paper_augment`ed before the resize (copies = 2 for train, 1 otherwise).
+    Each label is its own resized mask's: any pixel > 0."""
+    padded, padded_mask = pad_to_square(frame), (pad_to_square(mask) > 0).astype(np.uint8)
+    out = []
+    for copy in range(copies):
+        image, label_mask = (padded, padded_mask) if copy == 0 else paper_augment(padded, padded_mask, rng)
+        image, label_mask = paper_resize(image, label_mask, size)
+        out.append((image, label_mask, int(label_mask.any())))
     return out

@@ -3,11 +3,16 @@
 One row per frame of an AC sweep:
     case_id str, sweep int8 (1-based), frame int32 (index in the stack), label uint8 (1: mask present),
     image (S, S) uint8 (padded square, PIL-exact bicubic resize), mask (S, S) uint8 {0, 1} (SEG only).
-Cases are decoded and resized once (`frame_datasets` materialises them); the train set is then shuffled
-and augmented on the fly in CPU map tasks every epoch (`train_dataset`).
+Cases are decoded and resized once (`frame_datasets` materialises them). In the "fetaliqa" recipe the
+train set is then shuffled and augmented on the fly in CPU map tasks every epoch (`train_dataset`). In the
+"paper" recipe (`read_paper_frames`) frames are resized with cv2 (cubic; masks nearest) and labelled from
+the resized mask, and each train frame comes twice, materialised once per run: `copy` 0 as it is, `copy` 1
+augmented at native size (`augment.paper_copies`); epochs only reshuffle them.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import ray
@@ -18,7 +23,7 @@ from fetaliqa.archive import CaseRef, read_case
 from fetaliqa.errors import FetaliqaError, MissingMaskError
 from fetaliqa.preprocess import mask_to_model, resize_frames
 from fetaliqa.storage import StorageOptions
-from fetaliqa.training.augment import augment_batch
+from fetaliqa.training.augment import augment_batch, paper_copies
 from fetaliqa.training.protocol import PARTS, Split, frame_labels, selected_frames
 
 AUGMENT_BATCH = 64  # frames per augmentation task: a few MB, enough to amortise the task overhead
@@ -61,11 +66,42 @@ def read_frames(batch: dict[str, np.ndarray], with_masks: bool, storage_options:
     return out
 
 
-def frame_datasets(cases: list[CaseRef], split: Split, task: str,
-                   storage_options: StorageOptions = None) -> dict[str, Dataset]:
+def read_paper_frames(batch: dict[str, np.ndarray], with_masks: bool, copies: int, seed: int,
+                      storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
+    """Ray Data UDF over ONE case row (batch_size=1), the paper's preprocessing: every frame of the case's AC
+    sweeps as `copies` rows (`augment.paper_copies`: 2 for train, 1 otherwise), with `copy` int8 (0: as it is).
+
+    The draws come from a generator seeded by `seed` and the case id, so a case's copies are the same
+    whichever task reads it, and a rerun of the same command rebuilds the same train set. Columns as the
+    module docstring, plus `copy`; label = the copy's resized mask has a pixel > 0.
+    """
+    case = CaseRef(str(batch["case_id"][0]), str(batch["image_uri"][0]), str(batch["mask_uri"][0]))
+    stack, masks = read_case(case, storage_options, with_mask=True)
+    n_frames = len(stack.frames)
+    frames = selected_frames(list(batch["sweeps"][0]), n_frames)
+    rng = np.random.default_rng([seed, zlib.crc32(case.case_id.encode())])
+    rows = [(f, k, *made) for f in frames
+            for k, made in enumerate(paper_copies(stack.frames[f], masks[f], copies, rng))]
+    out = {
+        "case_id": np.full(len(rows), case.case_id, dtype=object),
+        "sweep": np.array([f // (n_frames // layout.SWEEPS_PER_CASE) + 1 for f, *_ in rows], np.int8),
+        "frame": np.array([f for f, *_ in rows], np.int32),
+        "copy": np.array([k for _, k, *_ in rows], np.int8),
+        "label": np.array([label for *_, label in rows], np.uint8),
+        "image": np.stack([image for _, _, image, _, _ in rows]) if rows else np.zeros((0, 224, 224), np.uint8),
+    }
+    if with_masks:
+        out["mask"] = np.stack([mask for _, _, _, mask, _ in rows]) if rows else np.zeros((0, 224, 224), np.uint8)
+    return out
+
+
+def frame_datasets(cases: list[CaseRef], split: Split, task: str, storage_options: StorageOptions = None,
+                   paper_copies_seed: int | None = None) -> dict[str, Dataset]:
     """{"train", "val", "test": materialised Datasets of frames} (one read task per case).
 
-    Materialising decodes each case once: a compressed stack is far slower to read than to train on.
+    `paper_copies_seed`: None reads as the "fetaliqa" recipe (`read_frames`); an int reads as the paper's
+    (`read_paper_frames`: two copies of each train frame, drawn from this seed). Materialising decodes each
+    case once: a compressed stack is far slower to read than to train on.
     """
     items = {part: case_items(cases, split, part) for part in PARTS}
     empty = [part for part in PARTS if not items[part]]
@@ -74,21 +110,28 @@ def frame_datasets(cases: list[CaseRef], split: Split, task: str,
                             f"{len(cases)} cases: too few annotated cases to train")
     datasets = {}
     for part in PARTS:
+        kwargs = {"with_masks": task == "seg", "storage_options": storage_options}
+        if paper_copies_seed is None:
+            read = read_frames
+        else:
+            read = read_paper_frames
+            kwargs |= {"copies": 2 if part == "train" else 1, "seed": paper_copies_seed}
         ds = ray.data.from_items(items[part], override_num_blocks=len(items[part]))
-        ds = ds.map_batches(read_frames, batch_size=1, fn_kwargs={"with_masks": task == "seg",
-                                                                    "storage_options": storage_options})
-        datasets[part] = ds.materialize()
+        datasets[part] = ds.map_batches(read, batch_size=1, fn_kwargs=kwargs).materialize()
     return datasets
 
 
-def train_dataset(frames: Dataset, seed: int) -> Dataset:
-    """The train frames, reshuffled every epoch (reproducibly from `seed`) and augmented on the fly.
+def train_dataset(frames: Dataset, seed: int, augment: bool = True) -> Dataset:
+    """The train frames, reshuffled every epoch (reproducibly from `seed`) and, with `augment`, augmented on
+    the fly (the "fetaliqa" recipe; the paper's copies are made once, in `read_paper_frames`).
 
     Returns only the columns the loop uses (image, label and, for SEG, mask): tensors, no strings.
     """
-    shuffled = frames.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    augmented = shuffled.map_batches(augment_batch, batch_size=AUGMENT_BATCH, fn_kwargs={"seed": seed})
-    return augmented.select_columns(tensor_columns(frames))
+    # Ray Data's shuffle seed kept to 32 bits, which any RNG takes; the paper's seed exceeds even int64.
+    shuffled = frames.random_shuffle(seed=RandomSeedConfig(seed=seed % 2**32, reseed_after_execution=True))
+    if augment:
+        shuffled = shuffled.map_batches(augment_batch, batch_size=AUGMENT_BATCH, fn_kwargs={"seed": seed})
+    return shuffled.select_columns(tensor_columns(frames))
 
 
 def tensor_columns(frames: Dataset) -> list[str]:

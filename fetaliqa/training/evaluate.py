@@ -24,7 +24,8 @@ class FrameScorer:
     Input batch: `case_id`, `frame`, `label` (B,), `image` (B, S, S) uint8 and, for SEG, `mask` (B, S, S)
     uint8. Output: `case_id`, `frame`, `label`, `score` (B,) float32 in [0, 1] (CLS: sigmoid; SEG: area
     fraction of p > 0.5) and, for SEG, `dice` (B,) float64 of the predicted mask against `mask` at model
-    resolution (1.0 where both are empty, as `metrics.dice`).
+    resolution (1.0 where both are empty, as `metrics.dice`) and its pixel counts `overlap_px`,
+    `predicted_px`, `mask_px` (B,) int64, which pool into one F-score over many frames.
     """
 
     def __init__(self, checkpoint: Checkpoint, storage_options: StorageOptions = None):
@@ -35,7 +36,11 @@ class FrameScorer:
         scores, masks = self.model(batch["image"])
         out = {key: batch[key] for key in ("case_id", "frame", "label")} | {"score": scores}
         if masks is not None:
-            out["dice"] = np.array([dice(p, t) for p, t in zip(masks, batch["mask"])])
+            truth = np.asarray(batch["mask"]).astype(bool)
+            masks = np.asarray(masks).astype(bool)
+            out["dice"] = np.array([dice(p, t) for p, t in zip(masks, truth)])
+            out |= {"overlap_px": (masks & truth).sum(axis=(1, 2)), "predicted_px": masks.sum(axis=(1, 2)),
+                    "mask_px": truth.sum(axis=(1, 2))}
         return out
 
 
@@ -56,23 +61,29 @@ def select_cases(scores: dict[str, np.ndarray], case_ids: list[str]) -> dict[str
     return {column: values[keep] for column, values in scores.items()}
 
 
-def evaluate(task: str, val: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict:
+def evaluate(task: str, val: dict[str, np.ndarray], test: dict[str, np.ndarray], strict: bool = False) -> dict:
     """metrics.json: the best-F1 validation threshold and the test metrics at it and at the default.
 
     val, test: `score_frames` outputs. Test metrics at each threshold: accuracy, F1, precision, recall,
-    specificity, AUROC, AUPRC, tp/fp/tn/fn and the confusion matrix [[tn, fp], [fn, tp]]. SEG adds the mean
-    Dice over all test frames and over the test frames with an abdomen, and the area-threshold sweep.
+    specificity, AUROC, AUPRC, tp/fp/tn/fn and the confusion matrix [[tn, fp], [fn, tp]]. `strict`: at the
+    default threshold a frame is positive when its score is above it (the paper's code: p > 0.5), else at or
+    above it; the validation threshold is always used with >=. SEG adds the mean Dice over all test frames
+    and over the test frames with an abdomen, the pooled pixel F-score (one Dice over every test pixel: the
+    paper's SEG Dice) and the area-threshold sweep.
     """
     threshold, val_f1 = best_f1_threshold(val["label"], val["score"])
     default = DEFAULT_THRESHOLD[task]
-    test_metrics = {name: _with_matrix(frame_metrics(test["label"], test["score"], t))
-                    for name, t in (("default", default), ("best_f1_val", threshold))}
-    out = {"task": task, "threshold": threshold, "default_threshold": default, "val_f1": val_f1,
+    test_metrics = {"default": _with_matrix(frame_metrics(test["label"], test["score"], default, strict)),
+                    "best_f1_val": _with_matrix(frame_metrics(test["label"], test["score"], threshold))}
+    out = {"task": task, "threshold": threshold, "default_threshold": default,
+           "default_rule": f"score {'>' if strict else '>='} {default}", "val_f1": val_f1,
            "val_frames": len(val["label"]), "test_frames": len(test["label"]), "test": test_metrics}
     if task == "seg":
         positive = test["label"].astype(bool)
+        overlap, predicted, truth = (int(test[k].sum()) for k in ("overlap_px", "predicted_px", "mask_px"))
         out["test"] |= {"mean_dice": float(np.mean(test["dice"])),
                         "mean_dice_positive": float(np.mean(test["dice"][positive])) if positive.any() else None,
+                        "pixel_f_score": 2 * overlap / (predicted + truth) if predicted + truth else None,
                         "area_threshold_sweep": area_threshold_sweep(test["label"], test["score"])}
     return out
 

@@ -21,10 +21,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConsistencyMode
-from safetensors.torch import load_file
 
-from fetaliqa.models import DEFAULT_THRESHOLD, build_model, checkpoint_tensors, save_checkpoint
-from fetaliqa.models.checkpoint import WEIGHTS_FILE
+from fetaliqa.models import DEFAULT_THRESHOLD, build_model, load_trained_tensors, save_checkpoint, torch_seed
 from fetaliqa.training.step import LOSSES, run_epoch
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -40,6 +38,10 @@ class LoopConfig:
     seed, ...). `batch_size` is global: each of W workers takes batch_size // W frames per step."""
 
     model: dict[str, Any]
+    loss: str | None = None  # a key of step.LOSSES; None: the model's task's
+    # DDP must look for trainable parameters without a gradient when the model has some: the paper's
+    # out_proj-only LoRA on FetalCLIP is never used in the forward pass.
+    find_unused_parameters: bool = False
     epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-4
@@ -52,14 +54,17 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.model.get("seed", 0) * 1000 + rank)  # LoRA dropout: reproducible, distinct per rank
+    # LoRA dropout: reproducible, distinct per rank (torch_seed: the paper's seed exceeds int64).
+    torch.manual_seed(torch_seed(cfg.model.get("seed", 0) * 1000 + rank))
     model, preprocess = build_model(**cfg.model, storage_options=cfg.storage_options)
-    wrapped = ray.train.torch.prepare_model(model)  # DDP when world > 1; moved to the worker's device
+    wrapped = ray.train.torch.prepare_model(  # DDP when world > 1; moved to the worker's device
+        model, parallel_strategy_kwargs={"find_unused_parameters": cfg.find_unused_parameters})
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr)
     start = restore(ray.train.get_checkpoint(), model, optimizer, device)
     per_worker = max(1, cfg.batch_size // world)
-    loss_fn = LOSSES[model.task]
+    loss_fn = LOSSES[cfg.loss or model.task]
+    trainable = sum(p.numel() for p in model.trainable_parameters())
 
     def batches(name: str):
         return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=per_worker, device=device)
@@ -71,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.no_grad():
             val_loss = run_epoch(model, loss_fn, batches("val"), preprocess, device)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "resumed_from_epoch": start,
-                   "replica_checksums": replica_checksums(model)}
+                   "trainable_parameters": trainable, "replica_checksums": replica_checksums(model)}
         report(metrics, model, preprocess, optimizer, rank)
         if epoch == start:
             _maybe_die_once(cfg.fault_marker, rank, world)
@@ -103,20 +108,14 @@ def report(metrics: dict, model, preprocess, optimizer: torch.optim.Optimizer, r
 def restore(checkpoint: Checkpoint | None, model, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """Load model tensors and optimizer state from a checkpoint of `report`; return its epoch (0: none).
 
-    Everything is read without unpickling code: safetensors, and torch.load(weights_only=True).
+    The model's tensors are read and checked by `models.load_trained_tensors` (the checkpoint format's one
+    reader); the optimizer state with torch.load(weights_only=True). Nothing is unpickled.
     """
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        tensors = load_file(os.path.join(folder, WEIGHTS_FILE), device=str(device))
+        load_trained_tensors(model, folder)
         state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location=device, weights_only=True)
-    expected = checkpoint_tensors(model, include_encoder=False)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise RuntimeError(f"checkpoint {checkpoint.path} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {checkpoint.path} holds tensors the model lacks: {result.unexpected_keys[:3]}")
     optimizer.load_state_dict(state["optimizer"])
     print(f"fetaliqa train: restored epoch {state['epoch']} from {checkpoint.path}", flush=True)
     return int(state["epoch"])

@@ -2,13 +2,15 @@
 
 ```
 <output>/split.json                     the case-level split and the AC sweeps used (protocol.py)
-<output>/results.md                     test metrics, mean ± std over trials, in the paper's table form
+<output>/results.md                     test metrics, mean ± std over trials, in the paper's table form,
+                                        one row per model
 <trial>/checkpoint/                     the exported model: fetaliqa.json (threshold = best validation F1)
                                         + weights.safetensors; what `fetaliqa score --checkpoint` takes
 <trial>/metrics.json                    thresholds and test metrics (evaluate.py)
 <trial>/ray/epoch-NNN/                  Ray Train's checkpoints (the best by val_loss and the latest)
 ```
-`<trial>` is `<output>` itself for one trial, `<output>/trial-<k>` (k = 1..K) for `--trials K`.
+`<trial>` is `<run>` itself for one trial, `<run>/trial-<k>` (k = 1..K) for `--trials K`; `<run>` is `<output>`
+for one `--model`, `<output>/<model>` (`model_output`) for several.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ RAY_RUN = "ray"  # Ray Train's run name: the folder of its checkpoints under <tr
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.md"
+PAPER_KEYS = ("accuracy", "f1", "precision", "recall", "trainable_parameters")
+
+
+def model_output(output: str, model: str, models: int) -> str:
+    """Folder of one model's run: `output` itself for a single model, else `output/<model>` (":" -> "-")."""
+    return output if models == 1 else join(output, model.replace(":", "-"))
 
 
 def trial_output(output: str, k: int, trials: int) -> str:
@@ -63,11 +71,15 @@ def write_json(url: str, value: dict, storage_options: StorageOptions = None) ->
     write_text(url, json.dumps(value, indent=2) + "\n", storage_options)
 
 
-def results_markdown(name: str, trials: list[dict]) -> str:
-    """results.md: the paper's table (mean ± std over trials) of the test metrics at the default threshold
-    and at the best-F1 validation threshold. trials: metrics.json dicts, one per trial."""
+def results_markdown(runs: dict[str, list[dict]]) -> str:
+    """results.md: the paper's table, one row per model, of the test metrics (accuracy, F1, precision,
+    recall) and trainable parameters, mean ± std over trials; once at the default threshold (the paper's
+    numbers) and once at the best-F1 validation threshold. runs: {row name: metrics.json dicts, one a trial}."""
     sections = []
     for key, title in (("default", "default threshold"), ("best_f1_val", "best-F1 validation threshold")):
-        table = format_paper_table({name: mean_std_table([t["test"][key] for t in trials])})
-        sections.append(f"## Test frames, {title} ({len(trials)} trial{'s' * (len(trials) > 1)})\n\n{table}")
+        rows = {name: mean_std_table([t["test"][key] | {"trainable_parameters": t["trainable_parameters"]}
+                                      for t in trials], keys=PAPER_KEYS) for name, trials in runs.items()}
+        counts = sorted({len(trials) for trials in runs.values()})
+        trials_text = " or ".join(map(str, counts)) + f" trial{'s' * (counts != [1])}"
+        sections.append(f"## Test frames, {title} (mean ± std over {trials_text})\n\n{format_paper_table(rows)}")
     return "\n".join(sections)

@@ -1,7 +1,9 @@
-"""The paper's protocol: a case-level 70/10/20 split with a fixed seed, AC sweeps only, label = mask present.
+"""The protocol: a case-level 70/10/20 split with a fixed seed, AC sweeps only, label = mask present.
 
-A `Split` is plain data (case ids and the 0-based sweeps selected per case) written to `<output>/split.json`
-so that a run can be audited and a rerun can check that it trains on the same cases.
+Two splits: fetaliqa's (`split_cases`: independent of the ids' order) and the paper's code's
+(`paper_split_cases`: a permutation of the csv's uuid column in file order, with its seed). A `Split` is
+plain data (case ids and the 0-based sweeps selected per case) written to `<output>/split.json` so that a
+run can be audited and a rerun can check that it trains on the same cases.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from fetaliqa.storage import StorageOptions, filesystem, join
 SPLIT_FILE = "split.json"
 FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test (the paper's)
 PARTS = ("train", "val", "test")
+PAPER_SEED = 9872398152123123767126  # the paper's preprocess.py; beyond int64, numpy takes it whole
 
 
 @dataclass(frozen=True)
 class Split:
-    """Case ids per part (each sorted) and, per case, the 0-based sweeps that have an AC value."""
+    """Case ids per part and, per case, the 0-based sweeps that have an AC value. The parts are sorted in
+    the "fetaliqa" recipe and in the paper's permuted order in the "paper" recipe."""
 
     seed: int
     train: list[str]
     val: list[str]
     test: list[str]
     sweeps: dict[str, list[int]]
+    recipe: str = "fetaliqa"
 
     def part(self, name: str) -> list[str]:
         return getattr(self, name)
@@ -57,10 +62,36 @@ def ac_sweeps(circumferences: dict[str, list[float | None]], case_ids: list[str]
     return {case: [s for s, ac in enumerate(circumferences.get(case, [])) if ac is not None] for case in case_ids}
 
 
-def make_split(case_ids: list[str], circumferences: dict[str, list[float | None]], seed: int) -> Split:
-    """The protocol's split of `case_ids` with the AC sweeps of every case."""
-    parts = split_cases(case_ids, seed)
-    return Split(seed=seed, **parts, sweeps=ac_sweeps(circumferences, sorted(case_ids)))
+def paper_split_cases(csv_ids: list[str], seed: int = PAPER_SEED) -> dict[str, list[str]]:
+    """The paper's code's split: `np.random.default_rng(seed).permutation` of the csv's uuid column in file
+    order, cut at int(0.7 n) and int((1 - 0.2) n) into train / val / test (210/30/60 of 300).
+
+    csv_ids: the uuid column as it stands in the file (its order changes the split, as in the paper's code).
+    Returns {"train", "val", "test": id lists in permuted order}.
+    """
+    names = np.random.default_rng(seed).permutation(np.array(csv_ids, dtype=object))
+    train_end, val_end = int(0.7 * len(names)), int((1 - 0.2) * len(names))  # the paper's expressions
+    return {"train": names[:train_end].tolist(), "val": names[train_end:val_end].tolist(),
+            "test": names[val_end:].tolist()}
+
+
+def make_split(case_ids: list[str], circumferences: dict[str, list[float | None]], seed: int,
+               recipe: str = "fetaliqa") -> Split:
+    """The recipe's split of `case_ids` with the AC sweeps of every case.
+
+    "paper" splits the csv's uuids (`circumferences` keeps the csv's row order) as its code did: a listed
+    case without a csv row is in no part (its code iterated the csv), and a csv row without a listed case is
+    an error, before any work (its code would have failed to read the image).
+    """
+    if recipe != "paper":
+        parts = split_cases(case_ids, seed)
+        return Split(seed=seed, **parts, sweeps=ac_sweeps(circumferences, sorted(case_ids)))
+    absent = [case for case in circumferences if case not in set(case_ids)]
+    if absent:
+        raise FetaliqaError(f"the paper's split takes every uuid of the csv, but {len(absent)} have no image "
+                            f"in the archive, e.g. {absent[0]!r}")
+    parts = paper_split_cases(list(circumferences), seed)
+    return Split(seed=seed, **parts, sweeps=ac_sweeps(circumferences, list(circumferences)), recipe=recipe)
 
 
 def selected_frames(sweeps: list[int], n_frames: int) -> np.ndarray:
@@ -102,4 +133,5 @@ def load_split(output: str, storage_options: StorageOptions = None) -> Split | N
     with fs.open(path, "r") as f:
         data = json.load(f)
     sweeps = {case: [s - 1 for s in values] for case, values in data["sweeps"].items()}
-    return Split(seed=data["seed"], train=data["train"], val=data["val"], test=data["test"], sweeps=sweeps)
+    return Split(seed=data["seed"], train=data["train"], val=data["val"], test=data["test"], sweeps=sweeps,
+                 recipe=data.get("recipe", "fetaliqa"))

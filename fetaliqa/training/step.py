@@ -60,4 +60,19 @@ def seg_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], smooth: float
     return dice + bce
 
 
-LOSSES = {"cls": cls_loss, "seg": seg_loss}
+def seg_batch_dice_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], smooth: float = 1e-5) -> torch.Tensor:
+    """The paper recipe's SEG loss: ONE soft Dice over all pixels of all frames of the batch (no BCE).
+    logits (B, 1, S, S) float32, batch["mask"] (B, S, S) -> (B,): that batch loss repeated per frame, so that
+    `run_epoch` (which averages per-frame losses) steps on it unchanged and reports the frame-weighted mean.
+
+    Under DDP each worker's Dice pools its own share of the global batch only: on one worker it is the
+    paper's loss exactly, on W workers the mean of W smaller batches' Dice.
+    """
+    prob = torch.sigmoid(logits.squeeze(1))
+    target = batch["mask"].float()
+    dice = 1 - (2 * (prob * target).sum() + smooth) / (prob.sum() + target.sum() + smooth)
+    return dice.expand(len(logits))
+
+
+# By name: "cls" and "seg" are the fetaliqa recipe's losses of each task, "seg-batch-dice" the paper's SEG loss.
+LOSSES = {"cls": cls_loss, "seg": seg_loss, "seg-batch-dice": seg_batch_dice_loss}

@@ -1,0 +1,40 @@
+"""The two training recipes, `--recipe fetaliqa|paper`: what each does where they differ.
+
+"fetaliqa" (the default) is fetaliqa's own protocol: a split of the sorted ids (seed 0), every train frame
+augmented afresh every epoch at 224 px, LoRA on the whole attention (q, k, v, out) and the MLP, SEG trained
+with per-frame soft Dice + BCE, positives at score >= threshold. "paper" follows the paper's code
+(donglihe-hub/FetalCLIP-IQA) where it changes numbers: its split of the csv's uuids with its seed, its
+offline augmentation (a plain and an augmented copy of each train frame, made once at native size, labels
+recomputed), cv2 resizing, its LoRA targets (`models.paper_lora`), one Dice over the batch for SEG, and
+p > 0.5 for CLS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fetaliqa.models import LoraSpec, paper_lora
+from fetaliqa.training.protocol import PAPER_SEED
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """name; seed: the default --seed (split, copies, first trial); paper_copies: train frames materialised
+    once as a plain and an augmented copy (else augmented every epoch); seg_loss: key of `step.LOSSES`;
+    strict: positive when score > the default threshold (else >=)."""
+
+    name: str
+    seed: int
+    paper_copies: bool
+    seg_loss: str
+    strict: bool
+
+    def lora(self, model: str) -> LoraSpec:
+        """The LoRA placement of `model` in this recipe."""
+        return paper_lora(model) if self.name == "paper" else LoraSpec()
+
+
+RECIPES = {
+    "fetaliqa": Recipe("fetaliqa", seed=0, paper_copies=False, seg_loss="seg", strict=False),
+    "paper": Recipe("paper", seed=PAPER_SEED, paper_copies=True, seg_loss="seg-batch-dice", strict=True),
+}
