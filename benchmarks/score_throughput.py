@@ -216,8 +216,9 @@ def main() -> None:
         f"Command: {command}. Machine: {platform.machine()}, {cores} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU; torch {torch.__version__}, Ray {ray.__version__}. "
         f"Archive: {len(cases)} synthetic cases of {FRAMES_PER_CASE} frames of {HEIGHT} x {WIDTH}, zlib .mha. "
-        f"Load average (1 min) {load_before:.1f} before the run, {load_after:.1f} after: above ~0.5, other "
-        "processes shared the cores and every figure here is low by their share.", "",
+        f"Load average (1 min) {load_before:.1f} before the run ({load_after:.1f} after, the run's own work "
+        "included): above ~0.5 before, other processes shared the cores and every figure here is low by their "
+        "share.", "",
         "## Where one frame's time goes (one core)", "",
         "| stage | ms/frame |", "|---|---|",
         f"| SimpleITK read + decode | {ms['read']:.3f} |",
