@@ -118,9 +118,7 @@ def list_cases(input_url: str, storage_options: StorageOptions = None) -> list[C
 def _image_names(fs, path: str) -> list[str]:
     """Sorted names of the image files directly inside folder `path` of `fs` (hidden files left out)."""
     entries = fs.ls(path, detail=True)
-    # fsspec's local filesystem types a symlink "other": follow it, as a user who links data in expects
-    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries
-             if e["type"] == "file" or (e.get("islink") and fs.isfile(e["name"])))
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if storage.is_file_entry(fs, e))
     return sorted(n for n in names if layout.image_suffix(n) and not n.startswith("."))
 
 
@@ -199,15 +197,8 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None) -> Stack:
     """
     with storage.local_copy(uri, storage_options) as local:
         reader = _read_header(local, uri)
-        size = reader.GetSize()  # (W, H, T): SimpleITK order, fastest axis first
-        if len(size) != 3:
-            raise BadShapeError(
-                uri,
-                f"{len(size)}-D image of shape {_shape_text(size[::-1])}; "
-                "expected a 3-D stack of frames (T x H x W)",
-            )
+        n_frames = _stack_shape(reader, uri)[0]
         _check_scalar(reader, uri)
-        n_frames = size[2]
         if n_frames % layout.SWEEPS_PER_CASE:
             raise BadFrameCountError(
                 uri, f"{n_frames} frames is not a multiple of {layout.SWEEPS_PER_CASE} sweeps"
@@ -235,10 +226,8 @@ def read_image_geometry(uri: str, storage_options: StorageOptions = None
     except TruncatedFileError:
         with storage.local_copy(uri, storage_options) as local:
             reader = _read_header(local, uri)
-    size, spacing = reader.GetSize(), reader.GetSpacing()
-    if len(size) != 3:
-        raise BadShapeError(uri, f"{len(size)}-D image of shape {_shape_text(size[::-1])}; expected a (T, H, W) stack")
-    return tuple(size[::-1]), (float(spacing[1]), float(spacing[0]))
+    spacing = reader.GetSpacing()
+    return _stack_shape(reader, uri), (float(spacing[1]), float(spacing[0]))
 
 
 def read_mask_stack(uri: str, image: Stack | None = None, storage_options: StorageOptions = None) -> np.ndarray:
@@ -322,6 +311,15 @@ def _read_header(local: str, uri: str) -> sitk.ImageFileReader:
             uri, f"not an image SimpleITK can read (expected one of {_SUFFIXES_TEXT})"
         ) from err
     return reader
+
+
+def _stack_shape(reader: sitk.ImageFileReader, uri: str) -> tuple[int, int, int]:
+    """(T, H, W) from a read header; `BadShapeError` naming `uri` unless the image is 3-D."""
+    size = reader.GetSize()  # (W, H, T): SimpleITK order, fastest axis first
+    if len(size) != 3:
+        raise BadShapeError(uri, f"{len(size)}-D image of shape {_shape_text(size[::-1])}; "
+                                 "expected a 3-D stack of frames (T x H x W)")
+    return tuple(size[::-1])
 
 
 def _read_pixels(reader: sitk.ImageFileReader, local: str, uri: str) -> sitk.Image:

@@ -103,7 +103,8 @@ class CaseTrace:
 @dataclass
 class PaperFrames:
     """One case's frames as the paper's code counts them (module docstring): those of its AC sweeps.
-    labels, positive : (n,) bool; pixels : (tp, fp, fn) at 224 x 224 for SEG, None for CLS."""
+    labels, positive : (n,) bool; pixels : (overlap, predicted, truth) pixel counts at 224 x 224 for SEG,
+    None for CLS."""
 
     labels: np.ndarray
     positive: np.ndarray
@@ -208,7 +209,7 @@ def paper_frames(gt: np.ndarray, rows: dict, reference_acs: list, is_seg: bool) 
                 except ValueError as err:
                     raise _Excluded("mask_png", str(err)) from err
                 predicted[i] = mask_to_model(native[None].astype(np.uint8), IMAGE_SIZE)[0]
-        pixels = (int((predicted & truth).sum()), int((predicted & ~truth).sum()), int((~predicted & truth).sum()))
+        pixels = (int((predicted & truth).sum()), int(predicted.sum()), int(truth.sum()))
     return PaperFrames(truth.any(axis=(1, 2)), positive, pixels)
 
 
@@ -218,8 +219,8 @@ def paper_frame_table(cases: list[PaperFrames], task: str) -> dict:
     positive = np.concatenate([c.positive for c in cases] or [np.zeros(0, bool)])
     pixel_f_score = None
     if task == "seg":
-        tp, fp, fn = np.sum([c.pixels for c in cases], axis=0) if cases else (0, 0, 0)
-        pixel_f_score = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else None
+        overlap, predicted, truth = (sum(c.pixels[i] for c in cases) for i in range(3))
+        pixel_f_score = metrics.pooled_f_score(overlap, predicted, truth)
     return {"frames": "frames of AC sweeps only (a reference AC in the csv), labels at 224 x 224",
             "cases": sum(bool(len(c.labels)) for c in cases), "rule": PAPER_RULE[task][1],
             **_counts_at_positive(labels, positive), "pixel_f_score": pixel_f_score}

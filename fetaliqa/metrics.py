@@ -149,6 +149,12 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- trials and the paper's table
 
+def pooled_f_score(overlap: int, predicted: int, truth: int) -> float | None:
+    """One pixel F-score (Dice) pooled over many masks, the paper's SEG Dice: 2 |P & T| / (|P| + |T|) from
+    the summed pixel counts; None when neither side has a pixel."""
+    return 2 * overlap / (predicted + truth) if predicted + truth else None
+
+
 def mean_std_table(runs: list[dict], keys=("accuracy", "f1", "precision", "recall")) -> dict:
     """Mean and sample standard deviation (ddof=1) of each key over K runs (`--trials K`).
 

@@ -109,6 +109,12 @@ def put_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: boo
     os.replace(temporary, path)
 
 
+def is_file_entry(fs: fsspec.AbstractFileSystem, entry: dict) -> bool:
+    """Whether an `fs.ls(..., detail=True)` entry is a file. fsspec's local filesystem types a symlink
+    "other": one to a file counts, as a user who links data into a folder expects."""
+    return entry["type"] == "file" or bool(entry.get("islink") and fs.isfile(entry["name"]))
+
+
 def _suffixes(path: str) -> list[str]:
     """Suffixes that tell SimpleITK the format: '.nii.gz' stays whole."""
     name = posixpath.basename(path).lower()

@@ -184,9 +184,7 @@ def _iter_names(fs, path: str) -> Iterator[str]:
         return
     for entry in entries:
         # Files only: a sub-folder's name without suffix is not a DICOM file; and `ls` of a file lists the file.
-        # fsspec's local filesystem types a symlink "other": follow it, as a user who links data in expects.
-        is_file = entry["type"] == "file" or (entry.get("islink") and fs.isfile(entry["name"]))
-        if is_file and entry["name"].rstrip("/") != path.rstrip("/"):
+        if storage.is_file_entry(fs, entry) and entry["name"].rstrip("/") != path.rstrip("/"):
             yield posixpath.basename(entry["name"].rstrip("/"))
 
 

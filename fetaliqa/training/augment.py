@@ -64,6 +64,13 @@ def affine_matrix(size: int, shift_xy: tuple[float, float], angle_deg: float) ->
     return matrix
 
 
+def random_affine(size: int, rng: np.random.Generator, spec: AugmentSpec) -> np.ndarray:
+    """The (2, 3) matrix of one random affine of a (size, size) frame: a shift up to `spec.translate` of the
+    side along x and along y (drawn apart, in that order), then a rotation up to `spec.rotate_deg`."""
+    shift = rng.uniform(-spec.translate, spec.translate, size=2) * size
+    return affine_matrix(size, (shift[0], shift[1]), rng.uniform(-spec.rotate_deg, spec.rotate_deg))
+
+
 def warp(image: np.ndarray, matrix: np.ndarray, nearest: bool = False) -> np.ndarray:
     """Apply a (2, 3) affine matrix; pixels from outside the frame are 0 (like the area outside the fan).
     (S, S) uint8 -> (S, S) uint8; bilinear for images, nearest for label masks (`nearest=True`)."""
@@ -83,9 +90,7 @@ def augment_frame(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Gen
     out = jitter(image, b, c)
     if rng.random() < spec.clahe_p:
         out = clahe(out, rng.uniform(*spec.clahe_clip), spec.clahe_tiles)
-    size = image.shape[0]
-    shift = rng.uniform(-spec.translate, spec.translate, size=2) * size
-    matrix = affine_matrix(size, (shift[0], shift[1]), rng.uniform(-spec.rotate_deg, spec.rotate_deg))
+    matrix = random_affine(image.shape[0], rng, spec)
     return warp(out, matrix), (None if mask is None else warp(mask, matrix, nearest=True))
 
 
@@ -146,9 +151,7 @@ def paper_augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
             out = jitter(out, brightness, contrast)
     if rng.random() < spec.clahe_p:
         out = clahe(out, rng.uniform(*spec.clahe_clip), spec.clahe_tiles)
-    side = image.shape[0]
-    shift = rng.uniform(-spec.translate, spec.translate, size=2) * side
-    matrix = affine_matrix(side, (shift[0], shift[1]), rng.uniform(-spec.rotate_deg, spec.rotate_deg))
+    matrix = random_affine(image.shape[0], rng, spec)
     return warp(out, matrix), warp(mask, matrix, nearest=True)
 
 

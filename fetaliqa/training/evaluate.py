@@ -11,7 +11,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.train import Checkpoint
 
 from fetaliqa.inference import FrameModel
-from fetaliqa.metrics import area_threshold_sweep, best_f1_threshold, dice, frame_metrics
+from fetaliqa.metrics import area_threshold_sweep, best_f1_threshold, dice, frame_metrics, pooled_f_score
 from fetaliqa.models import DEFAULT_THRESHOLD
 from fetaliqa.storage import StorageOptions
 
@@ -83,7 +83,7 @@ def evaluate(task: str, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
         overlap, predicted, truth = (int(test[k].sum()) for k in ("overlap_px", "predicted_px", "mask_px"))
         out["test"] |= {"mean_dice": float(np.mean(test["dice"])),
                         "mean_dice_positive": float(np.mean(test["dice"][positive])) if positive.any() else None,
-                        "pixel_f_score": 2 * overlap / (predicted + truth) if predicted + truth else None,
+                        "pixel_f_score": pooled_f_score(overlap, predicted, truth),
                         "area_threshold_sweep": area_threshold_sweep(test["label"], test["score"])}
     return out
 
