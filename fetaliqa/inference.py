@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fetaliqa.models import load_checkpoint
-from fetaliqa.models.normalize import normalize_frames
+from fetaliqa.models.normalize import fold_normalization, normalize_frames
 from fetaliqa.storage import StorageOptions
 
 # Frames per forward pass when none is given. On one H200, FetalCLIP CLS ran 20% faster at 256 than at 32
@@ -33,7 +33,11 @@ class FrameModel:
     under bf16 autocast), float32 elsewhere; a CPU test passes bf16 to check the tolerance. The SEG decoder
     runs in channels_last on CUDA (there, in bf16, it took 0.147 ms a frame against 1.70 in NCHW under
     autocast). Neither changes a parameter: every checkpoint loads as before. Frames are normalised with the
-    checkpoint's own mean and std in float32, then cast to `dtype`.
+    checkpoint's own mean and std in float32, then cast to `dtype`, except in CLS ViTs (`folded`): there the
+    normalisation is folded into the patch convolution before the cast (`fold_normalization`, exact up to
+    float rounding) and the model takes (B, 1, S, S) raw pixel values, because on CPU nodes building the
+    (B, 3, S, S) float tensor was most of a small model's predictor time. SEG keeps the 3-channel input,
+    which its decoder also reads, and so do timm encoders, whose convolutions pad.
 
     On CUDA each call makes one host-to-device copy of all its frames (through pinned memory), slices the
     micro-batches on the device, keeps the results there and copies them back once. Each calling thread has
@@ -52,10 +56,11 @@ class FrameModel:
         self.task = self.meta["task"]
         self.channels_last = (on_gpu and self.task == "seg") if channels_last is None else channels_last
         self.model.merge_adapters()
-        self.model.to(self.dtype)  # after merging: the LoRA update is folded in at float32
+        self.mean, self.std = self.meta["preprocess"]["mean"], self.meta["preprocess"]["std"]
+        self.folded = self.task == "cls" and fold_normalization(self.model.encoder, self.mean, self.std)
+        self.model.to(self.dtype)  # after merging and folding: both are done at float32
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.mean, self.std = self.meta["preprocess"]["mean"], self.meta["preprocess"]["std"]
         self._streams = threading.local()
 
     @torch.inference_mode()
@@ -103,8 +108,12 @@ class FrameModel:
         return host.to(self.device, non_blocking=True)
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, S, S) uint8 on the device -> (B, 3, S, S) in `dtype` and memory format of the model."""
-        x = normalize_frames(pixels, self.mean, self.std).to(self.dtype)
+        """(B, S, S) uint8 on the device -> in `dtype` and memory format of the model: (B, 1, S, S) pixel
+        values 0..255 (exact in bf16) where `folded`, else (B, 3, S, S) normalised."""
+        if self.folded:
+            x = pixels.unsqueeze(1).to(self.dtype)
+        else:
+            x = normalize_frames(pixels, self.mean, self.std).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @contextlib.contextmanager
