@@ -1,4 +1,5 @@
 """FrameModel and ScoreFrames without Ray: bf16 weights against float32, channels_last against NCHW,
+CLS normalisation folded into the patch convolution against the checkpoint's model on normalised frames,
 micro-batches, bit-packed masks, the device's default batch; and the GPU benchmark's smoke run on CPU.
 
 bf16 runs on this CPU too (slowly: no bf16 matrix units), so the tolerance of the path CUDA takes is
@@ -19,6 +20,8 @@ import torch
 
 from fetaliqa.archive import read_image_stack
 from fetaliqa.inference import FrameModel, default_batch_size, pack_masks
+from fetaliqa.models import load_checkpoint
+from fetaliqa.models.normalize import fold_normalization, normalize_frames
 from fetaliqa.preprocess import resize_frames
 from fetaliqa.score.predict import ScoreFrames
 from jobs.score import build_parser, predictor_pool
@@ -51,6 +54,24 @@ def test_bf16_cls_scores_stay_within_tolerance_of_float32(cls_checkpoint, frames
     np.testing.assert_allclose(scores, expected, rtol=0, atol=CLS_SCORE_TOLERANCE)
 
 
+def test_folded_cls_scores_as_the_checkpoint_model_on_normalised_frames(cls_checkpoint, frames):
+    """The fold changes the input, not the scores: float32 scores of raw (B, 1, S, S) pixels through the folded
+    patch convolution against the unfolded model's on `normalize_frames` output."""
+    picked = frames[[0, 10, 29, 30, 47]]  # 30 has the abdomen
+    folded = FrameModel(cls_checkpoint)
+    conv = folded.model.encoder.conv1
+    assert folded.folded and conv.in_channels == 1 and conv.bias is not None
+    assert not fold_normalization(folded.model.encoder, folded.mean, folded.std)  # never folded twice
+    assert folded.model_input(torch.from_numpy(picked)).shape == (5, 1, 224, 224)
+    model, meta = load_checkpoint(cls_checkpoint)
+    model.merge_adapters()
+    with torch.inference_mode():
+        x = normalize_frames(picked, meta["preprocess"]["mean"], meta["preprocess"]["std"])
+        expected = model.frame_scores(model(x)).numpy()
+    scores, _ = folded(picked)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
+
+
 def test_bf16_channels_last_seg_stays_within_tolerance_of_float32_nchw(seg_checkpoint, frames):
     """The configuration CUDA runs (bf16 weights, channels_last) against the float32 NCHW reference."""
     picked = frames[30:31]  # one frame with the abdomen: bf16 convolutions are slow on this CPU
@@ -69,8 +90,10 @@ def test_channels_last_gives_the_nchw_output(seg_checkpoint, frames):
     nchw = FrameModel(seg_checkpoint)
     channels_last = FrameModel(seg_checkpoint, channels_last=True)
     assert not nchw.channels_last  # the CPU default
+    assert not nchw.folded and nchw.model.encoder.conv1.in_channels == 3  # its decoder reads the image too
     pixels = torch.from_numpy(frames[:2])
     x = channels_last.model_input(pixels)
+    assert x.shape == (2, 3, 224, 224)
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     with torch.inference_mode():
         expected = nchw.model(nchw.model_input(pixels))
