@@ -2,14 +2,23 @@
 
 Each case is a stack of 6 sweeps of K frames, T x H x W uint8 (T = 6 K), inside a curvilinear fan
 field of view (FOV): a smooth tissue background that changes slowly from frame to frame, depth
-attenuation, a bright skin line and multiplicative Rayleigh speckle; 0 outside the fan. Some sweeps
-(2 to 4 per case) pass over an elliptical fetal abdomen (bright rim, darker interior, a bright spine
-dot and a dark stomach): its cross-section grows then shrinks over a run of frames. The frames near
-the widest part are labelled 1 (optimal) in the mask, those on its flanks 2 (suboptimal); the mask
-fills the ellipse. One or two frames beyond each end of the run show a smaller, much fainter ellipse
-and are not labelled. About 3.5-8.5% of the frames of each case are positive (drawn per case), like
-the 2.6-8.6% of the challenge data. A sweep's abdominal circumference (AC) is the Ramanujan perimeter
-of its largest optimal ellipse times the 0.28 mm spacing; sweeps that miss the abdomen have none.
+attenuation, a bright skin line and multiplicative Rayleigh speckle; 0 outside the fan.
+
+Anatomy passes through the image plane as the probe sweeps: cross-sections ("rings": a bright rim
+around an interior) grow then shrink over a run of frames. Some sweeps (2 to 4 per case) pass over the
+abdomen at the plane where the AC is measured: a ring with a dark interior, the bright spine and the
+darker stomach. The frames near its widest part are labelled 1 (optimal) in the mask, those on its flanks
+2 (suboptimal); the mask fills the ellipse. One or two frames beyond each end of that run show the abdomen
+off the AC plane and are not labelled. About 3.5-8.5% of the frames of each case are positive (drawn per
+case), like the 2.6-8.6% of the challenge data. A sweep's abdominal circumference (AC) is the Ramanujan
+perimeter of its largest optimal ellipse times the 0.28 mm spacing; sweeps that miss the abdomen have none.
+
+The other frames are not empty: the label cannot be read off a frame's intensity statistics. Most show
+a look-alike ring of the same size and rim (the head, with its midline and thalami, or the abdomen off
+the AC plane, with its spine) whose interior is not dark, and most show a dark oval as large as the
+abdomen's interior but without a rim (bladder, cysts); bones with their acoustic shadows fall anywhere
+outside the rings. A frame is positive by what its bright rim encloses: an untrained model ranks frames
+near chance (tests/test_synth.py), while a small CNN learns the task in a few CPU epochs (`jobs.demo`).
 
 Case i depends only on (seed, i, K, H, W): archives with more cases extend those with fewer.
 """
@@ -50,23 +59,31 @@ _HALF_ANGLE = math.radians(29.884)  # half the opening angle (59.8 deg in all)
 _CHUNK = 32  # frames rendered at once: bounds memory to ~0.25 GB at 562 x 744
 _KEY_EVERY = 10  # frames between key frames of the tissue field
 _FIELD_SHAPE = (12, 16)  # low-resolution grid of the tissue field, upsampled to H x W
-_FAINT = 0.1  # contrast of the unlabelled ellipse just outside a labelled run
-# Echo gain of the abdomen's rim (0.75 < rho <= 1 in ellipse-normalised radius) and interior (rho < 0.75).
-# Strong enough that fetalclip-tiny, randomly initialised, learns the task in a few CPU epochs (the demo);
-# at rim 2.3, interior 0.45 (rho < 0.84) and _FAINT 0.25 it stayed at chance after 6 epochs.
-_RIM = 3.5
-_INTERIOR = 0.15
-_INTERIOR_RHO = 0.75
+
+# Cross-sections ("rings"): a body part that the sweep passes through shows as an ellipse whose size
+# follows s(u) = sqrt(1 - (0.8 u)^2) over the passage (u from -1 to 1 while fully in view). Every ring has
+# the same size distribution and rim; what it encloses tells which plane it is:
+_ABDOMEN_AC = 1  # the abdomen at the AC plane: dark interior, spine, stomach. The only ring labelled.
+_ABDOMEN_OFF = 2  # the abdomen above or below that plane: the spine, no stomach
+_HEAD = 3  # the fetal head: the midline echo (falx) between two thalami
+_RIM = 2.2  # echo gain of the rim (0.78 < rho <= 1 in ellipse-normalised radius)
+_INTERIOR_RHO = 0.78
+_INTERIOR_AC = 0.3  # gain of the abdomen's interior at the AC plane, and of the rimless dark ovals
+_INTERIOR = 0.9  # of any other ring's interior: the brain, the abdomen's organs off the plane
+_THALAMUS = 0.5
+_BRIGHT = 2.8  # spine, falx and bones
+_DARK = 0.1  # the stomach's fluid
+_SHADOW = 0.35  # acoustic shadow behind a bone
 _SCALE_SLOPE = 0.8  # cross-section s(u) = sqrt(1 - (0.8 u)^2); labelled while |u| < 1, so s >= 0.6
 _OPTIMAL_U = 0.4  # frames with |u| <= 0.4 are optimal (1), the rest of the run suboptimal (2)
 
 
 @dataclass
 class _Frames:
-    """Per-frame abdomen parameters of one case, each of shape (T,) float32 (label: uint8)."""
+    """Per-frame ring parameters of one case, each of shape (T,) float32 (kind, label: uint8)."""
 
-    scale: np.ndarray  # 0 where no abdomen is visible, else the cross-section's relative size
-    contrast: np.ndarray  # 1 in labelled frames, _FAINT in the visible unlabelled ones
+    scale: np.ndarray  # 0 where no ring is visible, else the cross-section's relative size
+    kind: np.ndarray  # 0 (no ring), _ABDOMEN_AC, _ABDOMEN_OFF or _HEAD
     label: np.ndarray  # 0, 1 (optimal) or 2 (suboptimal)
     cx: np.ndarray  # ellipse centre (pixels)
     cy: np.ndarray
@@ -74,6 +91,19 @@ class _Frames:
     b: np.ndarray
     angle: np.ndarray
     spine: np.ndarray  # direction of the spine inside the ellipse (radians)
+
+
+@dataclass
+class _Lookalike:
+    """A structure outside the rings, in frames `first` to `last` - 1, labelled never: a dark fluid-filled
+    oval (bladder, cyst; centre, semi-axes, rotation in pixels and radians) or a bone, a bright arc across
+    the beam with an acoustic shadow behind it (fan radius and angle of its centre, half angle, thickness
+    in units of `_fan_polar`)."""
+
+    first: int
+    last: int
+    bone: bool
+    params: tuple[float, ...]
 
 
 def write_synthetic_archive(
@@ -184,17 +214,18 @@ def _fits_in_fan(cx: float, cy: float, a: float, b: float, angle: float, height:
 
 
 # ----------------------------------------------------------------------------------------------
-# Where the abdomen appears
+# What each frame shows
 
 
 def _plan_frames(rng: np.random.Generator, k: int, height: int, width: int) -> tuple[_Frames, list]:
-    """Choose the sweeps that cross the abdomen and fill the per-frame parameters.
+    """Choose the sweeps that cross the abdomen, fill the per-frame ring parameters, then fill the rest of
+    every sweep with passages over look-alike rings.
 
     Returns the parameters (each (6 K,)) and the AC in mm of each of the 6 sweeps (None if none).
     """
     t = layout.SWEEPS_PER_CASE * k
     frames = _Frames(*(np.zeros(t, np.float32) for _ in range(9)))
-    frames.label = np.zeros(t, np.uint8)
+    frames.kind, frames.label = np.zeros(t, np.uint8), np.zeros(t, np.uint8)
     positives = max(1, round(rng.uniform(0.035, 0.085) * t))
     crossings = min(int(rng.integers(2, 5)), max(1, positives // 3), layout.SWEEPS_PER_CASE)
     sweeps = sorted(rng.choice(layout.SWEEPS_PER_CASE, crossings, replace=False).tolist())
@@ -202,13 +233,18 @@ def _plan_frames(rng: np.random.Generator, k: int, height: int, width: int) -> t
     for i, sweep in enumerate(sweeps):
         run = min(k, positives // crossings + (i < positives % crossings))
         ac_mm[sweep] = _plan_crossing(rng, frames, sweep * k, k, run, height, width)
+    for sweep in range(layout.SWEEPS_PER_CASE):
+        _plan_lookalike_rings(rng, frames, sweep * k, k, height, width)
     return frames, ac_mm
 
 
 def _plan_crossing(rng, frames: _Frames, first: int, k: int, run: int, height: int, width: int) -> float:
-    """Place one passage over the abdomen in the sweep starting at frame `first`; return its AC (mm)."""
-    faint = int(math.ceil(run / 2 / _SCALE_SLOPE - run / 2))  # faint frames on each side
-    lo, hi = (faint, k - run - faint) if k - run >= 2 * faint else (0, k - run)
+    """Place one passage over the abdomen in the sweep starting at frame `first`; return its AC (mm).
+
+    The `run` frames at the AC plane (|u| < 1) are labelled; the one or two frames beyond each end show the
+    abdomen off that plane (no stomach, interior not dark) and are not."""
+    off_plane = int(math.ceil(run / 2 / _SCALE_SLOPE - run / 2))  # frames on each side
+    lo, hi = (off_plane, k - run - off_plane) if k - run >= 2 * off_plane else (0, k - run)
     start = first + int(rng.integers(lo, hi + 1))  # the whole passage stays in the sweep if it can
     a, b, angle, cx, cy, drift = _place_ellipse(rng, height, width)
     idx = np.arange(first, first + k)
@@ -218,7 +254,7 @@ def _plan_crossing(rng, frames: _Frames, first: int, k: int, run: int, height: i
     optimal = labelled & (np.abs(u) <= max(_OPTIMAL_U, np.abs(u).min()))
     f = idx[seen]
     frames.scale[f] = np.sqrt(1 - (_SCALE_SLOPE * u[seen]) ** 2)
-    frames.contrast[f] = np.where(labelled[seen], 1.0, _FAINT)
+    frames.kind[f] = np.where(labelled[seen], _ABDOMEN_AC, _ABDOMEN_OFF)
     frames.label[idx[labelled]] = layout.MASK_SUBOPTIMAL
     frames.label[idx[optimal]] = layout.MASK_OPTIMAL
     frames.cx[f], frames.cy[f] = cx + drift[0] * u[seen], cy + drift[1] * u[seen]
@@ -228,8 +264,100 @@ def _plan_crossing(rng, frames: _Frames, first: int, k: int, run: int, height: i
     return ramanujan_perimeter(a * widest, b * widest) * SPACING_MM
 
 
+def _plan_lookalike_rings(rng, frames: _Frames, first: int, k: int, height: int, width: int) -> None:
+    """Fill the ring-free frames of the sweep starting at `first` with passages, back to back after short
+    gaps, over the abdomen off the AC plane or the head, each in full view (|u| < 1, as labelled frames):
+    about 4 frames in 5 without the labelled abdomen still show a ring of the same size and echo."""
+    free = np.flatnonzero(frames.kind[first : first + k] == 0) + first
+    for gap in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1):
+        t, end = (int(gap[0]), int(gap[-1]) + 1) if gap.size else (0, 0)
+        while True:
+            t += int(rng.integers(0, max(1, k // 12) + 1))
+            if t >= end:
+                break
+            run = min(end - t, int(rng.integers(max(2, k // 10), max(3, k // 3) + 1)))
+            a, b, angle, cx, cy, drift = _place_ellipse(rng, height, width)
+            idx = np.arange(t, t + run)
+            u = (idx - (t + (run - 1) / 2)) / (run / 2)
+            frames.scale[idx] = np.sqrt(1 - (_SCALE_SLOPE * u) ** 2)
+            frames.kind[idx] = _HEAD if rng.random() < 0.5 else _ABDOMEN_OFF
+            frames.cx[idx], frames.cy[idx] = cx + drift[0] * u, cy + drift[1] * u
+            frames.a[idx], frames.b[idx], frames.angle[idx] = a, b, angle
+            frames.spine[idx] = rng.uniform(0, 2 * np.pi)
+            t += run
+
+
+def _plan_lookalikes(rng: np.random.Generator, frames: _Frames, k: int, height: int, width: int) -> list[_Lookalike]:
+    """Dark fluid-filled ovals (bladder, cysts) as large as the abdomen's dark interior, in runs back to back
+    over the frames that do not show the labelled abdomen (so that about as many frames hold a dark region
+    with or without it), and bones in about one run of frames a sweep; each where it clears the rings."""
+    found = []
+    size = 0.18 * min(height, width / _REF_ASPECT)  # a typical ring's semi-major axis (pixels)
+    for sweep in range(layout.SWEEPS_PER_CASE):
+        free = np.flatnonzero(frames.label[sweep * k : (sweep + 1) * k] == 0) + sweep * k
+        runs = []
+        for gap in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1) if free.size else []:
+            t, end = int(gap[0]), int(gap[-1]) + 1
+            while (t := t + int(rng.integers(0, max(1, k // 12) + 1))) < end:
+                last = min(end, t + int(rng.integers(max(2, k // 10), max(3, k // 3) + 1)))
+                runs.append((t, last, False))
+                t = last
+        for _ in range(int(rng.poisson(1.0))):
+            first = sweep * k + int(rng.integers(0, k))
+            runs.append((first, min((sweep + 1) * k, first + int(rng.integers(max(1, k // 8), max(2, k // 2) + 1))), True))
+        for first, last, bone in runs:
+            place = _place_bone if bone else _place_cyst
+            for _attempt in range(30):
+                params, outline = place(rng, size, height, width)
+                if outline is not None and _clears_rings(outline, frames, first, last):
+                    found.append(_Lookalike(first, last, bone, params))
+                    break
+    return found
+
+
+def _place_cyst(rng, size: float, height: int, width: int):
+    """A dark oval: (cx, cy, a, b, angle) in pixels, and its outline (x, y), None where it leaves the fan."""
+    a = _INTERIOR_RHO * rng.uniform(0.6, 1.0) * rng.uniform(0.83, 1.17) * size  # as a labelled ring's interior
+    b = a * rng.uniform(0.75, 0.92)
+    angle, r, theta = rng.uniform(0, np.pi), rng.uniform(_R_IN + 0.08, _R_OUT - 0.15), rng.uniform(-0.8, 0.8)
+    cx = (_APEX_X + r * np.sin(theta * _HALF_ANGLE) / _REF_ASPECT) * width - 0.5
+    cy = (_APEX_Y + r * np.cos(theta * _HALF_ANGLE)) * height - 0.5
+    if not _fits_in_fan(cx, cy, a, b, angle, height, width):
+        return None, None
+    t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+    outline = (cx + a * np.cos(t) * np.cos(angle) - b * np.sin(t) * np.sin(angle),
+               cy + a * np.cos(t) * np.sin(angle) + b * np.sin(t) * np.cos(angle))
+    return (cx, cy, a, b, angle), outline
+
+
+def _place_bone(rng, size: float, height: int, width: int):
+    """A bone across the beam: (fan radius, angle, half angle, thickness), and the outline (x, y) of the
+    sector it and its shadow cover, down to the bottom of the fan."""
+    r0 = rng.uniform(_R_IN + 0.05, _R_OUT - 0.35)
+    theta0 = rng.uniform(-0.8, 0.8) * _HALF_ANGLE
+    half = rng.uniform(0.4, 0.9) * size / height / r0  # 0.4-0.9 ring radii long
+    thickness = 0.012
+    rs, ts = np.meshgrid(np.linspace(r0 - thickness, _R_OUT, 16), np.linspace(theta0 - half, theta0 + half, 8))
+    outline = ((_APEX_X + rs * np.sin(ts) / _REF_ASPECT) * width - 0.5, (_APEX_Y + rs * np.cos(ts)) * height - 0.5)
+    return (r0, theta0, half, thickness), outline
+
+
+def _clears_rings(outline: tuple[np.ndarray, np.ndarray], frames: _Frames, first: int, last: int) -> bool:
+    """Whether the points `outline` lie outside (by 3% of the ring's size) every ring of frames first..last-1."""
+    x, y = (np.asarray(v, np.float64).ravel()[:, None] for v in outline)
+    f = np.arange(first, last)
+    f = f[frames.scale[f] > 0]
+    if f.size == 0:
+        return True
+    s, cos, sin = frames.scale[f], np.cos(frames.angle[f]), np.sin(frames.angle[f])
+    dx, dy = x - frames.cx[f], y - frames.cy[f]
+    p = (dx * cos + dy * sin) / (frames.a[f] * s)
+    q = (dy * cos - dx * sin) / (frames.b[f] * s)
+    return bool((np.hypot(p, q) > 1.1).all())
+
+
 def _place_ellipse(rng: np.random.Generator, height: int, width: int):
-    """Semi-axes (pixels), rotation, centre and drift (pixels per unit of u) of an abdomen in the fan."""
+    """Semi-axes (pixels), rotation, centre and drift (pixels per unit of u) of a ring in the fan."""
     for attempt in range(200):
         a = rng.uniform(0.15, 0.21) * min(height, width / _REF_ASPECT) * (0.995**attempt)
         b = a * rng.uniform(0.75, 0.92)
@@ -242,7 +370,7 @@ def _place_ellipse(rng: np.random.Generator, height: int, width: int):
         ends = [(cx + e * drift[0], cy + e * drift[1]) for e in (-1 / _SCALE_SLOPE, 1 / _SCALE_SLOPE)]
         if all(_fits_in_fan(x, y, a, b, angle, height, width) for x, y in ends):
             return a, b, angle, cx, cy, drift
-    raise RuntimeError(f"cannot place an abdomen in a {height} x {width} fan")  # pragma: no cover
+    raise RuntimeError(f"cannot place a ring in a {height} x {width} fan")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,17 +386,19 @@ def _synth_case(rng: np.random.Generator, k: int, height: int, width: int):
     frames, ac_mm = _plan_frames(rng, k, height, width)
     t = layout.SWEEPS_PER_CASE * k
     fov = _fov_mask(height, width)
-    r, _ = _fan_polar(np.arange(width)[None, :], np.arange(height)[:, None], height, width)
+    r, theta = _fan_polar(np.arange(width)[None, :], np.arange(height)[:, None], height, width)
     depth = np.clip((r - _R_IN) / (_R_OUT - _R_IN), 0, 1).astype(np.float32)
     gain = (110.0 * np.exp(-0.9 * depth) * fov).astype(np.float32)  # (H, W): attenuation, 0 outside
     skin = (0.8 * np.exp(-((depth / 0.02) ** 2))).astype(np.float32)  # bright skin line under the probe
     keys = rng.standard_normal((t // _KEY_EVERY + 2, *_FIELD_SHAPE)).astype(np.float32)
+    lookalikes = _plan_lookalikes(rng, frames, k, height, width)
     image = np.empty((t, height, width), np.uint8)
     mask = np.zeros((t, height, width), np.uint8)
     for lo in range(0, t, _CHUNK):
         hi = min(t, lo + _CHUNK)
         echo = _tissue(keys, lo, hi, height, width) + skin
-        _add_abdomen(echo, mask[lo:hi], frames, lo)
+        _add_rings(echo, mask[lo:hi], frames, lo)
+        _add_lookalikes(echo, lookalikes, lo, r, theta)
         echo *= _speckle(rng, hi - lo, height, width)
         echo *= gain
         np.clip(echo, 0, 255, out=echo)
@@ -302,32 +432,68 @@ def _speckle(rng: np.random.Generator, n: int, height: int, width: int) -> np.nd
     return out
 
 
-def _add_abdomen(echo: np.ndarray, mask: np.ndarray, frames: _Frames, lo: int) -> None:
-    """Draw the abdomen into `echo` ((n, H, W) float32, in place) and label `mask` ((n, H, W) uint8,
-    in place) for the frames lo..lo+n-1 that show it."""
+def _add_rings(echo: np.ndarray, mask: np.ndarray, frames: _Frames, lo: int) -> None:
+    """Draw the rings into `echo` ((n, H, W) float32, in place) and label the abdomen at the AC plane in
+    `mask` ((n, H, W) uint8, in place) for the frames lo..lo+n-1 that show one; each frame within its ring's
+    bounding box only (a ring in most frames: the whole frame would cost ~10x more)."""
     n, height, width = echo.shape
-    sel = np.nonzero(frames.scale[lo : lo + n] > 0)[0]
-    if sel.size == 0:
-        return
-    f = sel + lo
+    for i in np.flatnonzero(frames.scale[lo : lo + n] > 0):
+        f = lo + i
+        s, cos, sin = frames.scale[f], math.cos(frames.angle[f]), math.sin(frames.angle[f])
+        a, b = frames.a[f] * s, frames.b[f] * s
+        half_x, half_y = math.hypot(a * cos, b * sin), math.hypot(a * sin, b * cos)  # the box's half sides
+        x0, x1 = max(0, int(frames.cx[f] - half_x)), min(width, int(frames.cx[f] + half_x) + 2)
+        y0, y1 = max(0, int(frames.cy[f] - half_y)), min(height, int(frames.cy[f] + half_y) + 2)
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - frames.cx[f]
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - frames.cy[f]
+        p = (dx * cos + dy * sin) / a  # ellipse-normalised coordinates, rho = |(p, q)|
+        q = (dy * cos - dx * sin) / b
+        rho = np.hypot(p, q)
+        echo[i, y0:y1, x0:x1] *= _ring_profile(p, q, rho, int(frames.kind[f]), float(frames.spine[f]))
+        if frames.kind[f] == _ABDOMEN_AC:
+            mask[i, y0:y1, x0:x1][rho <= 1.0] = frames.label[f]
 
-    def col(v):  # per-frame values broadcast over (H, W)
-        return v[f][:, None, None]
 
-    s = col(frames.scale)
-    dx = np.arange(width, dtype=np.float32)[None, None, :] - col(frames.cx)
-    dy = np.arange(height, dtype=np.float32)[None, :, None] - col(frames.cy)
-    cos, sin = np.cos(col(frames.angle)), np.sin(col(frames.angle))
-    p = (dx * cos + dy * sin) / (col(frames.a) * s)  # ellipse-normalised coordinates, rho = |(p, q)|
-    q = (dy * cos - dx * sin) / (col(frames.b) * s)
-    rho = np.hypot(p, q)
-    profile = np.where(rho <= 1.0, np.float32(_RIM), np.float32(1.0))  # rim
-    profile[rho < _INTERIOR_RHO] = _INTERIOR  # interior
-    ps, qs = 0.6 * np.cos(col(frames.spine)), 0.6 * np.sin(col(frames.spine))
-    profile[np.hypot(p - ps, q - qs) < 0.13] = 2.8  # spine
-    profile[np.hypot(p + 0.6 * ps, q + 0.6 * qs) < 0.2] = 0.12  # stomach
-    echo[sel] *= 1 + col(frames.contrast) * (profile - 1)
-    mask[sel] = np.where(rho <= 1.0, col(frames.label), 0).astype(np.uint8)
+def _ring_profile(p: np.ndarray, q: np.ndarray, rho: np.ndarray, kind: int, spine: float) -> np.ndarray:
+    """Echo gain of a ring of `kind` at ellipse-normalised coordinates `p` (long axis), `q` and their
+    radius `rho` (same shapes), the abdomen's spine in direction `spine` (radians)."""
+
+    def disc(angle, distance, radius):  # a disc of the interior, its centre at (distance, angle)
+        return np.hypot(p - distance * math.cos(angle), q - distance * math.sin(angle)) < radius
+
+    interior = rho < _INTERIOR_RHO
+    profile = np.where(rho <= 1.0, np.float32(_RIM), np.float32(1.0))
+    profile[interior] = _INTERIOR_AC if kind == _ABDOMEN_AC else _INTERIOR
+    if kind == _HEAD:
+        profile[(np.abs(q) < 0.03) & interior] = _BRIGHT  # falx, along the long axis
+        for side in (-math.pi / 2, math.pi / 2):  # thalami, either side of the falx
+            profile[disc(side, 0.25, 0.15)] = _THALAMUS
+        return profile
+    profile[disc(spine, 0.55, 0.13)] = _BRIGHT
+    if kind == _ABDOMEN_AC:
+        profile[disc(spine + math.pi + 0.5, 0.35, 0.27)] = _DARK  # stomach
+    return profile
+
+
+def _add_lookalikes(echo: np.ndarray, lookalikes: list[_Lookalike], lo: int, r: np.ndarray, theta: np.ndarray) -> None:
+    """Draw the look-alikes of frames lo..lo+n-1 into `echo` ((n, H, W) float32, in place); `r`, `theta`:
+    (H, W) fan coordinates of the pixels (`_fan_polar`)."""
+    n, height, width = echo.shape
+    for item in lookalikes:
+        rows = slice(max(item.first, lo) - lo, min(item.last, lo + n) - lo)
+        if rows.start >= rows.stop:
+            continue
+        if item.bone:
+            r0, theta0, half, thickness = item.params
+            beam = np.abs(theta - theta0) < half
+            echo[rows] *= np.where(beam & (np.abs(r - r0) < thickness), np.float32(_BRIGHT),
+                                   np.where(beam & (r >= r0 + thickness), np.float32(_SHADOW), np.float32(1)))
+        else:
+            cx, cy, a, b, angle = item.params
+            x0, x1, y0, y1 = max(0, int(cx - a)), min(width, int(cx + a) + 2), max(0, int(cy - a)), min(height, int(cy + a) + 2)
+            dx, dy = np.arange(x0, x1)[None, :] - cx, np.arange(y0, y1)[:, None] - cy
+            rho = np.hypot((dx * np.cos(angle) + dy * np.sin(angle)) / a, (dy * np.cos(angle) - dx * np.sin(angle)) / b)
+            echo[rows, y0:y1, x0:x1] *= np.where(rho < 1, np.float32(_INTERIOR_AC), np.float32(1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The whole chain on one machine, through the real jobs: `make demo` or `python -m jobs.demo`.
 
-synthetic archive -> fine-tune fetalclip-tiny with Ray Train (2 workers, the paper's protocol; full
-fine-tuning at lr 1e-3, as the tiny model has no pretrained weights)
+synthetic archive -> train a small CNN from scratch with Ray Train (2 workers, the paper's 70/10/20 case
+split; `--model` picks another architecture)
 -> score the held-out test cases with the scoring job -> evaluate against their masks.
 Every step is the same recipe a user runs on a cluster; rerunning resumes where it stopped.
 """
@@ -25,12 +25,19 @@ from jobs import synth as synth_job
 from jobs import train as train_job
 from jobs.common import run_recipe
 
+# The synthetic archive has no intensity shortcut (fetaliqa.synth): a frame is positive by what its ring
+# encloses. A small CNN learns that from scratch in a few CPU epochs (MobileNetV3-Small at width 0.5: held-out
+# F1 0.98 after 3 epochs on 24 cases); fetalclip-tiny, a ViT with no pretrained weights, stayed at chance
+# (AUROC ~0.6 after 5 epochs).
+DEMO_MODEL = "timm:mobilenetv3_small_050"
+
 
 def build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/demo", help="folder for the archive, model, scores and report")
     parser.add_argument("--cases", type=int, default=60, help="synthetic cases (70/10/20 train/val/test)")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--model", default=DEMO_MODEL, help="any `fetaliqa train --model`, trained from scratch")
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--task", choices=("cls", "seg"), default="cls")
     return parser
 
@@ -42,11 +49,9 @@ def demo(args: argparse.Namespace) -> int:
     steps = [
         (synth_job, [archive, "--cases", str(args.cases), "--frames-per-sweep", "20", "--height", "140",
                      "--width", "186", "--seed", "0"]),
-        # fetalclip-tiny has no pretrained weights: its encoder is random, so there is nothing for LoRA to
-        # preserve. Trained fully at 1e-3 on 60 such cases it reached test F1 0.97 after 10 epochs; on 30
-        # cases it levelled off near 0.85. LoRA on the random encoder stayed at chance.
-        (train_job, ["--data", archive, "--task", args.task, "--model", "fetalclip-tiny", "--output", model,
-                     "--workers", "2", "--epochs", str(args.epochs), "--full-finetune", "--lr", "1e-3",
+        # No pretrained weights: every parameter trains (--full-finetune), there is nothing for LoRA to keep.
+        (train_job, ["--data", archive, "--task", args.task, "--model", args.model, "--output", model,
+                     "--workers", "2", "--epochs", str(args.epochs), "--full-finetune", "--lr", "2e-3",
                      "--seed", "0"]),
     ]
     for job, argv in steps:
