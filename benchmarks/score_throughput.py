@@ -227,7 +227,8 @@ def main() -> None:
         f"| SimpleITK read + decode | {ms['read']:.3f} |",
         f"| naive pad + PIL resize (paper) | {ms['naive_preprocess']:.3f} |",
         f"| fetaliqa resize_frames | {ms['fast_preprocess']:.3f} |",
-        f"| fetalclip-micro through the predictor's FrameModel (1 block, width 32, 32-px patches; normalisation folded into the patch conv) | {ms['model']:.3f} "
+        "| fetalclip-micro through the predictor's FrameModel (1 block, width 32, 32-px patches; normalisation "
+        f"folded into the patch conv) | {ms['model']:.3f} "
         f"({100 * stages['model'] / (stages['read'] + stages['fast_preprocess']):.1f}% of read + preprocess) |", "",
         "## Data path (fetalclip-micro)", "",
         "| path | frames/s |", "|---|---|",

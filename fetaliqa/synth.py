@@ -131,7 +131,7 @@ def write_synthetic_archive(
     with spacing (0.28, 0.28, 1.0) mm, and ``circumferences/fetal_abdominal_circumferences_per_sweep.csv``.
 
     Timing (measured on the 2-core dev machine): one full-size case (840 x 562 x 744) renders in
-    ~3.5 s; compressing and writing its two volumes (~176 MB image .mha) takes ~3.5 s more.
+    ~6 s (rings in most frames); compressing and writing its two volumes (~176 MB image .mha) takes ~3.5 s more.
     """
     fs, root = filesystem(out_url, storage_options)
     local = is_local(out_url)
@@ -265,26 +265,29 @@ def _plan_crossing(rng, frames: _Frames, first: int, k: int, run: int, height: i
 
 
 def _plan_lookalike_rings(rng, frames: _Frames, first: int, k: int, height: int, width: int) -> None:
-    """Fill the ring-free frames of the sweep starting at `first` with passages, back to back after short
-    gaps, over the abdomen off the AC plane or the head, each in full view (|u| < 1, as labelled frames):
-    about 4 frames in 5 without the labelled abdomen still show a ring of the same size and echo."""
-    free = np.flatnonzero(frames.kind[first : first + k] == 0) + first
-    for gap in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1):
-        t, end = (int(gap[0]), int(gap[-1]) + 1) if gap.size else (0, 0)
-        while True:
-            t += int(rng.integers(0, max(1, k // 12) + 1))
-            if t >= end:
-                break
-            run = min(end - t, int(rng.integers(max(2, k // 10), max(3, k // 3) + 1)))
-            a, b, angle, cx, cy, drift = _place_ellipse(rng, height, width)
-            idx = np.arange(t, t + run)
-            u = (idx - (t + (run - 1) / 2)) / (run / 2)
-            frames.scale[idx] = np.sqrt(1 - (_SCALE_SLOPE * u) ** 2)
-            frames.kind[idx] = _HEAD if rng.random() < 0.5 else _ABDOMEN_OFF
-            frames.cx[idx], frames.cy[idx] = cx + drift[0] * u, cy + drift[1] * u
-            frames.a[idx], frames.b[idx], frames.angle[idx] = a, b, angle
-            frames.spine[idx] = rng.uniform(0, 2 * np.pi)
-            t += run
+    """Fill the ring-free frames of the sweep starting at `first` with passages (`_back_to_back`) over the
+    abdomen off the AC plane or the head, each in full view (|u| < 1, as labelled frames): about 4 frames in
+    5 without the labelled abdomen still show a ring of the same size and rim."""
+    for start, stop in _back_to_back(rng, np.flatnonzero(frames.kind[first : first + k] == 0) + first, k):
+        a, b, angle, cx, cy, drift = _place_ellipse(rng, height, width)
+        idx = np.arange(start, stop)
+        u = (idx - (start + stop - 1) / 2) / ((stop - start) / 2)
+        frames.scale[idx] = np.sqrt(1 - (_SCALE_SLOPE * u) ** 2)
+        frames.kind[idx] = _HEAD if rng.random() < 0.5 else _ABDOMEN_OFF
+        frames.cx[idx], frames.cy[idx] = cx + drift[0] * u, cy + drift[1] * u
+        frames.a[idx], frames.b[idx], frames.angle[idx] = a, b, angle
+        frames.spine[idx] = rng.uniform(0, 2 * np.pi)
+
+
+def _back_to_back(rng: np.random.Generator, free: np.ndarray, k: int) -> Iterator[tuple[int, int]]:
+    """Runs of frames (start, stop) over the sorted frame indices `free`, each after a gap of 0 to K/12
+    frames, K/10 to K/3 frames long (less where a stretch of consecutive free frames ends)."""
+    for stretch in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1) if free.size else []:
+        start, end = int(stretch[0]), int(stretch[-1]) + 1
+        while (start := start + int(rng.integers(0, max(1, k // 12) + 1))) < end:
+            stop = min(end, start + int(rng.integers(max(2, k // 10), max(3, k // 3) + 1)))
+            yield start, stop
+            start = stop
 
 
 def _plan_lookalikes(rng: np.random.Generator, frames: _Frames, k: int, height: int, width: int) -> list[_Lookalike]:
@@ -295,16 +298,11 @@ def _plan_lookalikes(rng: np.random.Generator, frames: _Frames, k: int, height: 
     size = 0.18 * min(height, width / _REF_ASPECT)  # a typical ring's semi-major axis (pixels)
     for sweep in range(layout.SWEEPS_PER_CASE):
         free = np.flatnonzero(frames.label[sweep * k : (sweep + 1) * k] == 0) + sweep * k
-        runs = []
-        for gap in np.split(free, np.flatnonzero(np.diff(free) > 1) + 1) if free.size else []:
-            t, end = int(gap[0]), int(gap[-1]) + 1
-            while (t := t + int(rng.integers(0, max(1, k // 12) + 1))) < end:
-                last = min(end, t + int(rng.integers(max(2, k // 10), max(3, k // 3) + 1)))
-                runs.append((t, last, False))
-                t = last
+        runs = [(start, stop, False) for start, stop in _back_to_back(rng, free, k)]
         for _ in range(int(rng.poisson(1.0))):
             first = sweep * k + int(rng.integers(0, k))
-            runs.append((first, min((sweep + 1) * k, first + int(rng.integers(max(1, k // 8), max(2, k // 2) + 1))), True))
+            length = int(rng.integers(max(1, k // 8), max(2, k // 2) + 1))
+            runs.append((first, min((sweep + 1) * k, first + length), True))
         for first, last, bone in runs:
             place = _place_bone if bone else _place_cyst
             for _attempt in range(30):
@@ -380,8 +378,8 @@ def _place_ellipse(rng: np.random.Generator, height: int, width: int):
 def _synth_case(rng: np.random.Generator, k: int, height: int, width: int):
     """One case: image (6 K, H, W) uint8, mask (6 K, H, W) uint8 in {0, 1, 2}, and the 6 ACs (mm or None).
 
-    Vectorised over chunks of `_CHUNK` frames; a full-size case (840 x 562 x 744) takes ~3.5 s on the
-    2-core dev machine.
+    Tissue and speckle vectorised over chunks of `_CHUNK` frames, rings frame by frame within their boxes; a
+    full-size case (840 x 562 x 744) takes ~6 s on the 2-core dev machine.
     """
     frames, ac_mm = _plan_frames(rng, k, height, width)
     t = layout.SWEEPS_PER_CASE * k
@@ -490,7 +488,8 @@ def _add_lookalikes(echo: np.ndarray, lookalikes: list[_Lookalike], lo: int, r: 
                                    np.where(beam & (r >= r0 + thickness), np.float32(_SHADOW), np.float32(1)))
         else:
             cx, cy, a, b, angle = item.params
-            x0, x1, y0, y1 = max(0, int(cx - a)), min(width, int(cx + a) + 2), max(0, int(cy - a)), min(height, int(cy + a) + 2)
+            x0, x1 = max(0, int(cx - a)), min(width, int(cx + a) + 2)
+            y0, y1 = max(0, int(cy - a)), min(height, int(cy + a) + 2)
             dx, dy = np.arange(x0, x1)[None, :] - cx, np.arange(y0, y1)[:, None] - cy
             rho = np.hypot((dx * np.cos(angle) + dy * np.sin(angle)) / a, (dy * np.cos(angle) - dx * np.sin(angle)) / b)
             echo[rows, y0:y1, x0:x1] *= np.where(rho < 1, np.float32(_INTERIOR_AC), np.float32(1))
