@@ -160,7 +160,8 @@ def test_intensity_statistics_do_not_tell_positive_frames(archive6):
     assert all(0.3 <= auroc <= 0.7 for auroc in aurocs.values()), aurocs
 
 
-@pytest.mark.parametrize(("name", "task"), [("fetalclip-tiny", "cls"), ("fetalclip-tiny", "seg"), (DEMO_MODEL, "cls")])
+@pytest.mark.parametrize(("name", "task"),
+                         [("fetalclip-tiny", "cls"), ("fetalclip-tiny", "seg"), (DEMO_MODEL["cls"], "cls")])
 def test_untrained_models_rank_frames_near_chance(archive6, name, task):
     """Randomly initialised models (two seeds each) rank the frames at AUROC between 0.3 and 0.7: what the
     demo's model learns, it learns from the labels (it reaches F1 >= 0.8: README)."""
