@@ -1,24 +1,26 @@
 """Scoring throughput: the Ray Data pipeline against a paper-style loop and against the decode ceiling.
 
-    .venv/bin/python benchmarks/score_throughput.py [--cases 24] [--tiny-cases 4] [--data benchmarks/data]
-        [--output benchmarks/results-throughput.md]
+    .venv/bin/python benchmarks/score_throughput.py [--cases 24] [--repeats 4] [--tiny-cases 4]
+        [--data benchmarks/data] [--output benchmarks/RESULTS-throughput.md]
 
 All figures come from one run on one machine, on the same synthetic archive of ACOUSLIC-size cases
 (840 frames of 562 x 744, zlib-compressed .mha):
-  (a) `jobs.score` end to end on a local Ray (read tasks -> predictor actor -> summaries -> Parquet parts),
-      and its steady state (a') by difference: the same job on the first half of the cases, then on all
-      of them (both after an untimed warm-up run on two cases, so that both find Ray's workers started);
-      a' = (frames(all) - frames(half)) / (seconds(all) - seconds(half)). The start-up (the
-      predictor actor importing torch and building its model, the first decodes) and the drain at the end
-      cost both runs the same and cancel, whatever the order in which cases finish;
+  (a) `jobs.score` end to end over the `--cases` cases on a local Ray (read tasks -> predictor actor ->
+      summaries -> Parquet parts), after an untimed two-case run that starts Ray's worker processes;
+  (a') its steady state: the same job over the cases `--repeats` times (links under distinct names, so
+      distinct case ids), read off Ray's timeline: the frames of the read tasks that ended between a quarter
+      and three quarters of them, over that window (`steady_rate`). The start-up (the predictor actor
+      importing torch beside the first decodes) and the drain fall outside it;
   (b) a paper-style loop in one process: SimpleITK read, per-frame pad + PIL resize, batches of 32;
-  (c) the ceiling: cores x the single-core frames/s of read + the pipeline's preprocessing alone;
+  (c) the ceiling: cores x the single-core frames/s of read + the pipeline's preprocessing alone, timed
+      before the pipeline runs and again after (the machine's speed drifts; c uses their mean);
   (d) read + preprocessing in one plain process per core (no Ray, no model): how far decoding scales.
 (a) and (b) use `fetalclip-micro` (one narrow block, 32-pixel patches) so that they measure reading,
 preprocessing and orchestration; the model's share of the per-frame cost is printed. On CPU the model
 runs on the same cores as decoding, so a second ceiling (c') charges it too. Then `fetalclip-tiny`
-through the pipeline (on the first `--tiny-cases`) against its model-only frames/s. The Markdown goes to
-`--output`, one section of benchmarks/RESULTS.md. Not a test: timings belong here, not in the suite.
+through the pipeline (on the first `--tiny-cases`): its predictor calls against the model alone. The
+Markdown goes to `--output`, one section of benchmarks/RESULTS.md. Not a test: timings belong here, not in
+the suite. Run it on a quiet machine: any other load lowers (a) and (a') and not (c).
 """
 
 from __future__ import annotations
@@ -128,30 +130,53 @@ def paper_loop(cases: list[str], model: torch.nn.Module) -> float:
     return frames / (time.perf_counter() - started)
 
 
-def pipeline(cases: list[str], checkpoint: str, work: Path, batch_size: int) -> tuple[float, float]:
-    """(a): frames/s of `jobs.score` end to end over `cases` (Ray already running) and the seconds it took
-    (from a manifest of their paths)."""
+READ_TASK, PREDICTOR_CALL = "task::ReadCases", "task::MapWorker(MapBatches(ScoreFrames)).submit"  # Ray's timeline
+
+
+def pipeline(cases: list[str], checkpoint: str, work: Path, batch_size: int) -> dict:
+    """`jobs.score` over `cases` (Ray already running; from a manifest of their paths): its seconds, frames/s
+    end to end, and the (start, end) seconds of its read tasks and predictor calls from Ray's timeline."""
     out, manifest = work / "scores", work / f"cases-{len(cases)}.txt"
     manifest.write_text("".join(f"{os.path.abspath(uri)}\n" for uri in cases))
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
+    since, started = time.time(), time.perf_counter()
     assert score_job.main(["--input", str(manifest), "--checkpoint", checkpoint, "--output", str(out),
                            "--batch-size", str(batch_size)]) == 0
     seconds = time.perf_counter() - started
-    return len(cases) * FRAMES_PER_CASE / seconds, seconds
+    events = [e for e in ray.timeline() if e["ts"] / 1e6 >= since]
+
+    def spans(category: str) -> list[tuple[float, float]]:
+        return sorted(((e["ts"] / 1e6 - since, (e["ts"] + e["dur"]) / 1e6 - since)
+                       for e in events if e.get("cat") == category), key=lambda span: span[1])
+
+    return {"cases": len(cases), "seconds": seconds, "end_to_end": len(cases) * FRAMES_PER_CASE / seconds,
+            "reads": spans(READ_TASK), "calls": spans(PREDICTOR_CALL)}
 
 
-def steady_state(cases: list[str], checkpoint: str, work: Path, batch_size: int) -> tuple[float, float, float]:
-    """(a) over every case, (a') by difference with the first half (module docstring), and the fixed cost
-    in seconds: what the end-to-end time holds beyond the cases at the steady rate."""
-    half = cases[:len(cases) // 2]
-    # Untimed: the first job after ray.init starts Ray's worker processes, which later jobs find running; left
-    # in the first timed run it inflated that run alone and a' with it (a'/c 1.24 in one run).
-    pipeline(cases[:2], checkpoint, work, batch_size)
-    _, half_seconds = pipeline(half, checkpoint, work, batch_size)
-    piped, seconds = pipeline(cases, checkpoint, work, batch_size)
-    steady = (len(cases) - len(half)) * FRAMES_PER_CASE / (seconds - half_seconds)
-    return piped, steady, seconds - len(cases) * FRAMES_PER_CASE / steady
+def steady_rate(run: dict) -> tuple[float, float, float]:
+    """(a'): frames/s of the read tasks that ended between a quarter and three quarters of them, and that
+    window's bounds (seconds into the run). Decoding sets the pace here, so its rate mid-run is the
+    pipeline's, with the start-up (the predictor actor importing torch beside the first decodes) and the
+    drain (the last reads, with fewer tasks than cores) outside the window. Needs read tasks of equal size."""
+    ends = [end for _, end in run["reads"]]
+    assert run["cases"] % len(ends) == 0, f"{run['cases']} cases over {len(ends)} read tasks: not equal tasks"
+    lo, hi = len(ends) // 4, len(ends) - 1 - len(ends) // 4
+    frames = (hi - lo) * run["cases"] // len(ends) * FRAMES_PER_CASE
+    return frames / (ends[hi] - ends[lo]), ends[lo], ends[hi]
+
+
+def repeated(cases: list[str], repeats: int, folder: Path) -> list[str]:
+    """`cases` `repeats` times over, as links under distinct names (distinct case ids): a longer run of
+    the same files, for a steady state that the start-up and the drain weigh less on."""
+    folder.mkdir(exist_ok=True)
+    links = []
+    for k in range(repeats):
+        for uri in cases:
+            link = folder / f"{Path(uri).stem}-{k}{Path(uri).suffix}"
+            if not link.exists():
+                link.symlink_to(os.path.abspath(uri))
+            links.append(str(link))
+    return links
 
 
 def acouslic_size_archive(data: Path, cases: int) -> Path:
@@ -179,7 +204,8 @@ def model_only(scorer: FrameModel, threads: int, batches: int = 8) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=24, help="ACOUSLIC-size synthetic cases (written once)")
-    parser.add_argument("--tiny-cases", type=int, default=4, help="cases scored with fetalclip-tiny (half, then all)")
+    parser.add_argument("--repeats", type=int, default=4, help="the steady-state run scores the cases this many times")
+    parser.add_argument("--tiny-cases", type=int, default=4, help="cases scored with fetalclip-tiny")
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data"))
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS-throughput.md"),
                         help="Markdown written here (a section of benchmarks/RESULTS.md)")
@@ -197,20 +223,29 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     single_thread()
-    stages = stage_times(cases, FrameModel(micro_ckpt, batch_size=32))
-    per_core = 1 / (stages["read"] + stages["fast_preprocess"])
-    ceiling = cores * per_core
-    ceiling_with_model = cores / (stages["read"] + stages["fast_preprocess"] + stages["model"])
+    scorer = FrameModel(micro_ckpt, batch_size=32)
+    stages = stage_times(cases, scorer)
     plain = plain_processes(cases, cores)
     torch.set_num_threads(cores)
     loop = paper_loop(cases, micro)
     init_ray()
-    piped, steady, fixed_cost = steady_state(cases, micro_ckpt, work, batch_size=64)
-    tiny_piped, tiny_steady, _ = steady_state(cases[:args.tiny_cases], tiny_ckpt, work, batch_size=64)
+    pipeline(cases[:2], micro_ckpt, work, batch_size=64)  # untimed: starts Ray's worker processes
+    short = pipeline(cases, micro_ckpt, work, batch_size=64)
+    long = pipeline(repeated(cases, args.repeats, work / "repeated"), micro_ckpt, work, batch_size=64)
+    steady, window_from, window_to = steady_rate(long)
+    tiny = pipeline(cases[:args.tiny_cases], tiny_ckpt, work, batch_size=64)
+    single_thread()
+    stages_after = stage_times(cases[:max(len(cases) // 4, 1)], scorer)
     tiny_model = model_only(FrameModel(tiny_ckpt, batch_size=32), threads=1)
     shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()[0]
 
+    read_resize = [t["read"] + t["fast_preprocess"] for t in (stages, stages_after)]
+    per_core = 2 / sum(read_resize)  # the mean of the two timings' per-frame cost
+    ceiling = cores * per_core
+    ceiling_with_model = cores / (sum(read_resize) / 2 + stages["model"])
+    tiny_calls = args.tiny_cases * FRAMES_PER_CASE / sum(end - start for start, end in tiny["calls"])
+    piped = short["end_to_end"]
     interpreter = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
     command = f"`{shlex.join([interpreter, *sys.argv])}`"
     ms = {k: 1000 * v for k, v in stages.items()}
@@ -229,36 +264,43 @@ def main() -> None:
         f"| fetaliqa resize_frames | {ms['fast_preprocess']:.3f} |",
         "| fetalclip-micro through the predictor's FrameModel (1 block, width 32, 32-px patches; normalisation "
         f"folded into the patch conv) | {ms['model']:.3f} "
-        f"({100 * stages['model'] / (stages['read'] + stages['fast_preprocess']):.1f}% of read + preprocess) |", "",
+        f"({100 * stages['model'] / (stages['read'] + stages['fast_preprocess']):.1f}% of read + preprocess) |",
+        f"| read + resize_frames again, after the pipeline runs ({len(cases) // 4} cases) | "
+        f"{1000 * read_resize[1]:.3f} (before: {1000 * read_resize[0]:.3f}) |", "",
         "## Data path (fetalclip-micro)", "",
         "| path | frames/s |", "|---|---|",
-        f"| (a) Ray Data pipeline, `jobs.score` end to end | {piped:.0f} |",
-        f"| (a') steady state: the frames of the second half of the cases over the time they add to a run "
-        f"of the first half (fixed cost of a run: {fixed_cost:.1f} s) | {steady:.0f} |",
+        f"| (a) Ray Data pipeline, `jobs.score` end to end, {len(cases)} cases ({short['seconds']:.1f} s) | {piped:.0f} |",
+        f"| (a') steady state: {args.repeats} x {len(cases)} = {long['cases']} cases ({long['seconds']:.1f} s end to "
+        f"end), read tasks {len(long['reads']) // 4 + 1}-{len(long['reads']) - len(long['reads']) // 4} of "
+        f"{len(long['reads'])} ending from {window_from:.0f} to {window_to:.0f} s | {steady:.0f} |",
         f"| (b) paper-style loop, one process | {loop:.0f} |",
-        f"| (c) ceiling: {cores} cores x {per_core:.0f} frames/s (read + resize_frames, one core) | {ceiling:.0f} |",
+        f"| (c) ceiling: {cores} cores x {per_core:.0f} frames/s (read + resize_frames, one core, mean of before "
+        f"and after) | {ceiling:.0f} |",
         f"| (c') ceiling with the model on the same cores: {cores} / (read + resize + model) | {ceiling_with_model:.0f} |",
         f"| (d) read + resize_frames in {cores} plain processes, no Ray, no model | {plain:.0f} ({plain / ceiling:.2f} of c) |", "",
         f"a/b = **{piped / loop:.2f}** (target >= 2); a'/c = **{steady / ceiling:.2f}** (target a'/c >= 0.8); "
-        f"a/c = {piped / ceiling:.2f}; a/c' = {piped / ceiling_with_model:.2f}; a'/c' = {steady / ceiling_with_model:.2f}.", "",
+        f"a'/c' = {steady / ceiling_with_model:.2f}; a/c = {piped / ceiling:.2f}; "
+        f"{long['cases']} cases end to end / c = {long['end_to_end'] / ceiling:.2f}.", "",
         "## Model (fetalclip-tiny)", "",
         "| path | frames/s |", "|---|---|",
-        f"| pipeline end to end, {args.tiny_cases} cases | {tiny_piped:.0f} |",
-        f"| steady state (by difference, {args.tiny_cases // 2} and {args.tiny_cases} cases) | {tiny_steady:.0f} |",
+        f"| pipeline end to end, {args.tiny_cases} cases | {tiny['end_to_end']:.0f} |",
+        f"| the predictor's calls in that run (frames over the seconds its calls took) | {tiny_calls:.0f} |",
         f"| model only, one thread, batch 32 | {tiny_model:.0f} |", "",
-        f"pipeline / model-only = {tiny_piped / tiny_model:.2f} end to end, {tiny_steady / tiny_model:.2f} steady. On CPU the predictor actor holds one core "
-        "and decoding the other, so the tiny model, not reading, sets the pace here.", "",
+        f"predictor calls / model only = {tiny_calls / tiny_model:.2f}: what the actor adds around the model "
+        "(taking the case out of Ray's object store, joining frames, the output). On CPU the predictor shares "
+        "the cores with decoding, so the tiny model, not reading, sets the pace end to end.", "",
         "## Reading the figures", "",
-        f"- End to end includes a fixed cost of {fixed_cost:.1f} s a run: the predictor actor importing torch, open_clip "
-        "and peft and building its model beside the first decodes, and the drain after the last decode. It "
-        f"amortises over an archive: at the steady rate a/c would be {steady / ceiling:.2f}.",
+        f"- End to end, {len(cases)} cases include the start-up: the predictor actor imports torch, open_clip "
+        "and peft and builds its model while the first reads take the cores, so it starts late "
+        f"(its first call began {short['calls'][0][0]:.0f} s into the run; the reads ended by "
+        f"{short['reads'][-1][1]:.0f} s). It amortises over an archive: {long['cases']} cases ran at "
+        f"{long['end_to_end'] / ceiling:.2f} of c end to end.",
         f"- Decoding scales over the cores: plain processes reach {plain / ceiling:.2f} of (c). In steady state "
         f"the pipeline reaches {steady / ceiling_with_model:.2f} of (c'); the rest is orchestration on the same "
         "cores: the predictor's per-batch copy out of the object store, the Parquet writers, the driver's "
         "executor and Ray's own processes.",
         "- " + (f"GPU: {torch.cuda.get_device_name()}." if torch.cuda.is_available() else
-                "No GPU in this run: the full `fetalclip` GPU figures (end to end against model-only, and the "
-                "CPU cores per GPU that reading needs) are not measured."), "",
+                "No GPU in this run: GPU figures are in RESULTS-gpu.md (`benchmarks/gpu_throughput.py`)."), "",
     ]
     args.output.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -71,7 +71,8 @@ def score(args: argparse.Namespace) -> int:
     writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
     if todo.num_rows:
         reader = CaseReader(todo, so, image_size)
-        ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY)
+        ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
+                                      concurrency=reader.read_concurrency())
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
                                                                 "batch_size": args.batch_size, "storage_options": so},
                             batch_size=None, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
@@ -82,6 +83,7 @@ def score(args: argparse.Namespace) -> int:
             ds.write_datasink(writer, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         stages = ds.stats()
         print(stages, flush=True)
+    ray.kill(progress)  # a driver that runs several jobs (tests, benchmarks) keeps no idle actor of each
 
     run = record.finish(run, listed.num_rows, resumed, writer.tallies, cases_per_file, stages,
                         time.perf_counter() - started)

@@ -4,6 +4,7 @@ rerun after `kill -9` of the driver on 1,000 cases."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from loopback_s3 import request_kind
 from fetaliqa.errors import InputError
 from fetaliqa.score import ledger
 from fetaliqa.score.predict import ScoreFrames
-from fetaliqa.score.read import list_archive, read_case_row
+from fetaliqa.score.read import LISTING_SCHEMA, CaseReader, list_archive, read_case_row
 from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
 from fetaliqa.synth import write_synthetic_archive
 
@@ -108,6 +109,17 @@ def test_an_s3_prefix_is_listed_page_by_page(s3_server, s3_bucket):
     assert table.num_rows == 1005 and table["source"][0].as_py() == f"{bucket}/prefix/00000.mha"
     lists = [r for r in s3_server.requests[before:] if "list-type=2" in r.query]
     assert len(lists) == 1 + 2  # the ACOUSLIC images/ folder looked for, then two pages of 1,000 keys
+
+
+def test_reads_run_one_more_than_the_cores_where_a_local_ray_has_more_cpus(ray_local, monkeypatch):
+    # A one-node Ray with more logical CPUs than cores (jobs.common.init_ray gives a local Ray at least 8) would
+    # run more decodes than cores; a Ray whose CPUs are the cores keeps Ray Data's own limits.
+    reader = CaseReader(LISTING_SCHEMA.empty_table())
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus - 2)
+    assert reader.read_concurrency() == cpus - 1
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert reader.read_concurrency() is None
 
 
 def test_object_store_requests_stay_within_two_per_case(ray_local, s3_server, s3_bucket, tiny_archive,
