@@ -114,12 +114,16 @@ def test_an_s3_prefix_is_listed_page_by_page(s3_server, s3_bucket):
 def test_reads_run_one_more_than_the_cores_where_a_local_ray_has_more_cpus(ray_local, monkeypatch):
     # A one-node Ray with more logical CPUs than cores (jobs.common.init_ray gives a local Ray at least 8) would
     # run more decodes than cores; a Ray whose CPUs are the cores keeps Ray Data's own limits.
-    reader = CaseReader(LISTING_SCHEMA.empty_table())
+    def reader(cases: int) -> CaseReader:
+        return CaseReader(pa.Table.from_pylist([{"case_id": f"c{i}", "source": f"c{i}.mha"} for i in range(cases)],
+                                               schema=LISTING_SCHEMA))
+
     cpus = int(ray_local.cluster_resources()["CPU"])
     monkeypatch.setattr(os, "cpu_count", lambda: cpus - 2)
-    assert reader.read_concurrency() == cpus - 1
+    assert reader(64).read_concurrency() == cpus - 1
+    assert reader(2).read_concurrency() == 2  # no more than its read tasks: Ray warns of a limit it cannot reach
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
-    assert reader.read_concurrency() is None
+    assert reader(64).read_concurrency() is None
 
 
 def test_object_store_requests_stay_within_two_per_case(ray_local, s3_server, s3_bucket, tiny_archive,

@@ -312,17 +312,18 @@ class CaseReader(Datasource):
         return min(n, max(math.ceil(n / MAX_CASES_PER_READ_TASK), TASKS_PER_CPU * cpus))
 
     def read_concurrency(self) -> int | None:
-        """How many read tasks may run at once: one more than this machine's cores when a one-node Ray has more
-        logical CPUs than that (a local Ray gets at least 8, `jobs.common.init_ray`), else None (Ray Data's
-        own limits: on a cluster, logical CPUs are cores). Decoding is CPU work: on 2 cores ~5 concurrent
-        decodes left the pipeline at 0.69-0.75 of the decode ceiling in steady state, 3 at ~0.82
-        (benchmarks/RESULTS.md); the read beyond the cores lets one case's download overlap the decodes."""
+        """How many read tasks may run at once: one more than this machine's cores (and no more than
+        `read_task_count`: Ray warns of a limit it cannot reach) when a one-node Ray has more logical CPUs than
+        cores (a local Ray gets at least 8, `jobs.common.init_ray`); else None, Ray Data's own limits (on a
+        cluster, logical CPUs are cores). Decoding is CPU work: on 2 cores, ~5 decodes at once gave 409-432
+        frames/s in steady state, 3 gave 482-496 (benchmarks/RESULTS.md); the read beyond the cores lets one
+        case's download overlap the others' decoding."""
         import ray
 
         if not ray.is_initialized() or sum(node["Alive"] for node in ray.nodes()) != 1:
             return None
         cores = os.cpu_count() or 1
-        return cores + 1 if ray.cluster_resources().get("CPU", 0) > cores else None
+        return min(cores + 1, self.read_task_count()) if ray.cluster_resources().get("CPU", 0) > cores else None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
