@@ -43,8 +43,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fetaliqa.archive import read_image_stack
-from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
 from fetaliqa.inference import FrameModel
+from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.preprocess import naive_preprocess_frame, resize_frames
 from fetaliqa.score.read import list_archive
@@ -235,15 +235,17 @@ def main() -> None:
     steady, window_from, window_to = steady_rate(long)
     tiny = pipeline(cases[:args.tiny_cases], tiny_ckpt, work, batch_size=64)
     single_thread()
-    stages_after = stage_times(cases[:max(len(cases) // 4, 1)], scorer)
+    after_cases = cases[:max(len(cases) // 4, 1)]
+    stages_after = stage_times(after_cases, scorer)
     tiny_model = model_only(FrameModel(tiny_ckpt, batch_size=32), threads=1)
     shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()[0]
 
     read_resize = [t["read"] + t["fast_preprocess"] for t in (stages, stages_after)]
-    per_core = 2 / sum(read_resize)  # the mean of the two timings' per-frame cost
+    mean_read_resize = sum(read_resize) / len(read_resize)
+    per_core = 1 / mean_read_resize
     ceiling = cores * per_core
-    ceiling_with_model = cores / (sum(read_resize) / 2 + stages["model"])
+    ceiling_with_model = cores / (mean_read_resize + stages["model"])
     tiny_calls = args.tiny_cases * FRAMES_PER_CASE / sum(end - start for start, end in tiny["calls"])
     piped = short["end_to_end"]
     interpreter = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
@@ -265,14 +267,14 @@ def main() -> None:
         "| fetalclip-micro through the predictor's FrameModel (1 block, width 32, 32-px patches; normalisation "
         f"folded into the patch conv) | {ms['model']:.3f} "
         f"({100 * stages['model'] / (stages['read'] + stages['fast_preprocess']):.1f}% of read + preprocess) |",
-        f"| read + resize_frames again, after the pipeline runs ({len(cases) // 4} cases) | "
+        f"| read + resize_frames again, after the pipeline runs ({len(after_cases)} cases) | "
         f"{1000 * read_resize[1]:.3f} (before: {1000 * read_resize[0]:.3f}) |", "",
         "## Data path (fetalclip-micro)", "",
         "| path | frames/s |", "|---|---|",
         f"| (a) Ray Data pipeline, `jobs.score` end to end, {len(cases)} cases ({short['seconds']:.1f} s) | {piped:.0f} |",
         f"| (a') steady state: {args.repeats} x {len(cases)} = {long['cases']} cases ({long['seconds']:.1f} s end to "
-        f"end), read tasks {len(long['reads']) // 4 + 1}-{len(long['reads']) - len(long['reads']) // 4} of "
-        f"{len(long['reads'])} ending from {window_from:.0f} to {window_to:.0f} s | {steady:.0f} |",
+        f"end), the middle half of its {len(long['reads'])} read tasks, ending from {window_from:.0f} to "
+        f"{window_to:.0f} s | {steady:.0f} |",
         f"| (b) paper-style loop, one process | {loop:.0f} |",
         f"| (c) ceiling: {cores} cores x {per_core:.0f} frames/s (read + resize_frames, one core, mean of before "
         f"and after) | {ceiling:.0f} |",
