@@ -4,6 +4,7 @@ and checkpoints built with the project's own code."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,16 @@ os.environ.update(S3_ENV)
 # Ray must not reach for a cluster a developer may have running, nor phone home.
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# A local Ray started earlier in the pytest process forwards its own processes' lines to this process's
+# stderr at any moment (e.g. the raylet's "disk over 95% full" warning), each prefixed with its source,
+# coloured on a terminal: "(raylet)", "(raylet, ip=...)", "(pid=123)", "(ScoreFrames pid=123, ip=...)".
+RAY_FORWARDED_LINE = re.compile(r"^(?:\x1b\[[\d;]*m)?\((?:raylet|[^()]*\bpid=\d+)[^()]*\)")
+
+
+def own_stderr_lines(capsys) -> list[str]:
+    """The lines that the code under test wrote to stderr since the last read, without Ray's forwarded ones."""
+    return [line for line in capsys.readouterr().err.strip().splitlines() if not RAY_FORWARDED_LINE.match(line)]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import SimpleITK as sitk
-from conftest import REFERENCE_FOV_MASK
+from conftest import REFERENCE_FOV_MASK, own_stderr_lines
 
 from fetaliqa import challenge, layout
 from fetaliqa.archive import list_cases, read_circumferences, read_image_stack
@@ -243,7 +243,7 @@ def test_a_fov_mask_file_is_used_for_every_case_and_named(hand_archive, tmp_path
     # the challenge's own FOV mask (562 x 744) does not fit these 20 x 30 frames: one line naming it, no report
     assert evaluate_job.main(["--scores", scores, "--data", str(hand_archive), "--output", str(tmp_path / "r2"),
                               "--fov-mask", str(REFERENCE_FOV_MASK)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_stderr_lines(capsys)
     assert len(err) == 1 and f"{REFERENCE_FOV_MASK}: FOV mask is (562, 744); case alpha's frames are (20, 30)" in err[0]
     assert not (tmp_path / "r2").exists()
     fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
@@ -276,7 +276,7 @@ def test_nothing_to_evaluate_is_a_one_line_error(hand_archive, tmp_path, capsys)
     scores = tmp_path / "scores"
     (scores / "cases").mkdir(parents=True)
     assert evaluate_job.main(["--scores", str(scores), "--data", str(hand_archive)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_stderr_lines(capsys)
     assert len(err) == 1 and "no scored case could be evaluated" in err[0] and "not_scored" in err[0]
 
 

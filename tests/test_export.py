@@ -9,6 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import own_stderr_lines
 from test_evaluate import GT, PRED_MASKS, H, T, W, hand_archive, write_run  # noqa: F401 (hand_archive: a fixture)
 
 from fetaliqa import challenge, cli
@@ -170,16 +171,17 @@ def test_a_file_that_is_no_image_or_no_json_is_named(tmp_path):
 def test_the_command_line_asks_for_one_source_and_an_output(hand_archive, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_job.main(["--scores", "a", "--predictions", "b", "--data", str(hand_archive)])
-    assert "not allowed with argument" in capsys.readouterr().err
+    assert "not allowed with argument" in own_stderr_lines(capsys)[-1]
     assert evaluate_job.main(["--predictions", str(tmp_path), "--data", str(hand_archive)]) == 2
-    assert capsys.readouterr().err.strip() == "python -m jobs.evaluate: error: --output is required with --predictions"
+    assert own_stderr_lines(capsys) == ["python -m jobs.evaluate: error: --output is required with --predictions"]
     missing = tmp_path / "nowhere"
     assert evaluate_job.main(["--predictions", str(missing), "--data", str(hand_archive), "--output",
                               str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_stderr_lines(capsys)
     assert len(err) == 1 and f"{missing}: no such file or object" in err[0]
     assert export_job.main(["--scores", str(missing), "--output", str(tmp_path / "p")]) == 2
-    assert "no scored case to export" in capsys.readouterr().err
+    err = own_stderr_lines(capsys)
+    assert len(err) == 1 and "no scored case to export" in err[0]
 
 
 def test_image_geometry_costs_one_ranged_get_not_the_image(s3_server, s3_bucket, tmp_path):

@@ -8,6 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import own_stderr_lines
 
 from fetaliqa.archive import list_cases, read_case, read_circumferences
 from fetaliqa.training.augment import pad_to_square
@@ -69,8 +70,8 @@ def test_lora_or_a_probe_on_a_random_encoder_is_refused_before_any_work(tmp_path
     out = tmp_path / "run"
     argv = ["--data", str(tmp_path / "no-archive"), "--task", "cls", "--model", "fetalclip-tiny", "--output", str(out)]
     assert train_job.main(argv + flags) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and match in err and "--weights" in err and "--full-finetune" in err
+    err = own_stderr_lines(capsys)
+    assert len(err) == 1 and match in err[0] and "--weights" in err[0] and "--full-finetune" in err[0]
     assert not out.exists()  # no split written: nothing ran (the archive does not even exist)
 
 
@@ -78,7 +79,8 @@ def test_weights_must_pair_with_models(tmp_path, capsys):
     argv = ["--data", str(tmp_path), "--task", "cls", "--model", "fetalclip-tiny", "timm:densenet121",
             "--weights", "a.pt", "--output", str(tmp_path / "run")]
     assert train_job.main(argv) == 2
-    assert "one per model" in capsys.readouterr().err
+    err = own_stderr_lines(capsys)
+    assert len(err) == 1 and "one per model" in err[0]
 
 
 def test_info_reports_the_papers_lora_placement(capsys):

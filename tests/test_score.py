@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import SimpleITK as sitk
-from conftest import REPO, run_cli
+from conftest import REPO, own_stderr_lines, run_cli
 
 from fetaliqa.archive import list_cases, read_image_stack
 from fetaliqa.models import load_checkpoint
@@ -163,7 +163,7 @@ def test_a_bad_checkpoint_stops_the_job_before_any_work(small_archive, cls_check
     out = tmp_path / "out"
     # in this process (the command line's own entry point, without a fresh interpreter's ~10 s of imports)
     assert score("--input", str(small_archive), "--checkpoint", str(checkpoint), "--output", str(out)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_stderr_lines(capsys)
     assert len(err) == 1 and "error" in err[0] and str(checkpoint) in err[0]
     assert not out.exists()
 
@@ -217,7 +217,7 @@ def test_another_checkpoint_into_the_same_output_is_refused_unless_overwrite(ray
     shutil.copytree(cls_scores, out)  # a finished CLS run
     capsys.readouterr()
     assert score("--input", str(small_archive), "--checkpoint", seg_checkpoint, "--output", out) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_stderr_lines(capsys)
     assert len(err) == 1
     line = err[0]
     cls_id, seg_id = load_checkpoint(cls_checkpoint)[1]["checkpoint_id"], load_checkpoint(seg_checkpoint)[1]["checkpoint_id"]
