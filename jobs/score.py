@@ -70,7 +70,7 @@ def score(args: argparse.Namespace) -> int:
     progress = record.Progress.remote()
     writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
     if todo.num_rows:
-        reader = CaseReader(todo, so, image_size)
+        reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"])
         ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
                                       concurrency=reader.read_concurrency())
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,

@@ -140,7 +140,7 @@ def fit(args: argparse.Namespace, recipe: Recipe, frames: dict, model: dict, out
     """One trial: Ray Train's TorchTrainer over the frame datasets, checkpoints under `output`."""
     loop = LoopConfig(model=model, loss=recipe.seg_loss if args.task == "seg" else None,
                       # the paper's FetalCLIP LoRA has adapters the forward pass never uses (out_proj)
-                      find_unused_parameters=recipe.name == "paper", epochs=args.epochs,
+                      find_unused_parameters=recipe.name == "paper", resize=recipe.resize, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, storage_options=args.storage_options,
                       fault_marker=os.environ.get(KILL_ONCE_ENV))
     storage_path, storage_filesystem = outputs.ray_storage(output, args.storage_options)

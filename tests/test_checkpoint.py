@@ -286,6 +286,13 @@ def test_meta_names_a_bad_training_mode(saved):
     expect_error(url, "must include its encoder")
 
 
+def test_meta_names_an_unknown_resize(saved):
+    url, fs, path = saved
+    meta = json.loads(fs.cat_file(f"{path}/fetaliqa.json"))
+    edit_meta(fs, path, preprocess=meta["preprocess"] | {"interpolation": "lanczos"})
+    expect_error(url, "unknown resize 'lanczos'")
+
+
 def test_adapters_without_base_weights(saved):
     url, fs, path = saved
     edit_meta(fs, path, includes_encoder=False, base_weights=None)

@@ -11,11 +11,14 @@ import pytest
 from conftest import own_stderr_lines
 
 from fetaliqa.archive import list_cases, read_case, read_circumferences
+from fetaliqa.preprocess import resize_frames
+from fetaliqa.score.read import read_case_row
 from fetaliqa.training.augment import pad_to_square
 from fetaliqa.training.data import case_items, read_paper_frames
 from fetaliqa.training.evaluate import evaluate
 from fetaliqa.training.outputs import results_markdown
 from fetaliqa.training.protocol import PAPER_SEED, make_split, selected_frames
+from fetaliqa.training.recipes import RECIPES
 
 from jobs import info as info_job
 from jobs import train as train_job
@@ -59,6 +62,16 @@ def test_paper_train_frames_come_twice_copy_0_plain_and_labels_from_each_copys_r
     assert not np.array_equal(other["image"][1::2], rows["image"][1::2])
     test_batch, _, _ = one_case_row(archive, "test")
     assert set(read_paper_frames(test_batch, with_masks=False, copies=1, seed=PAPER_SEED)["copy"]) == {0}
+
+
+def test_scoring_a_paper_checkpoint_feeds_the_model_the_papers_test_images(archive):
+    # what `jobs.score` reads for a checkpoint of `--recipe paper` (its preprocess names the recipe's resize)
+    test_batch, case, item = one_case_row(archive, "test")
+    paper = read_paper_frames(test_batch, with_masks=False, copies=1, seed=PAPER_SEED)
+    scored = read_case_row(case.case_id, case.image_uri, resize=RECIPES["paper"].resize)["images"][paper["frame"]]
+    assert np.array_equal(scored, paper["image"])
+    fetaliqa = read_case_row(case.case_id, case.image_uri, resize=RECIPES["fetaliqa"].resize)["images"]
+    assert np.array_equal(fetaliqa, resize_frames(read_case(case)[0].frames))
 
 
 @pytest.mark.parametrize("flags, match", [

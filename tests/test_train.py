@@ -113,7 +113,7 @@ def test_cls_run_survives_a_killed_worker_exports_its_best_epoch_and_is_not_retr
     assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
 
 
-def test_seg_run_from_and_to_object_storage(ray_local, s3_bucket):
+def test_seg_run_of_the_paper_recipe_from_and_to_object_storage(ray_local, s3_bucket):
     import s3fs
 
     from fetaliqa.synth import write_synthetic_archive
@@ -121,16 +121,17 @@ def test_seg_run_from_and_to_object_storage(ray_local, s3_bucket):
     bucket, options = s3_bucket
     data, out = f"{bucket}/archive", f"{bucket}/run"
     write_synthetic_archive(data, cases=10, frames_per_sweep=8, height=70, width=93, seed=3, storage_options=options)
-    flags = train_flags(data, out, "seg", 1, 1, "--storage-options", json.dumps(options))
+    flags = train_flags(data, out, "seg", 1, 1, "--recipe", "paper", "--storage-options", json.dumps(options))
     assert train_job.main(flags) == 0
 
     fs = s3fs.S3FileSystem(client_kwargs=options, skip_instance_cache=True)
     metrics = json.loads(fs.cat_file(f"{out}/metrics.json"))
-    assert metrics["task"] == "seg" and metrics["default_threshold"] == 0.01
+    assert metrics["task"] == "seg" and metrics["recipe"] == "paper" and metrics["default_threshold"] == 0.01
     assert 0.0 <= metrics["test"]["mean_dice"] <= 1.0
     assert [row["threshold"] for row in metrics["test"]["area_threshold_sweep"]][:2] == [0.001, 0.002]
     model, meta = load_checkpoint(f"{out}/checkpoint", storage_options=options)
     assert model.task == "seg" and meta["threshold"] == metrics["threshold"]
+    assert meta["preprocess"]["interpolation"] == "cv2-cubic"  # trained on cv2-resized frames: scored on them
     assert fs.exists(f"{out}/split.json") and fs.glob(f"{out}/ray/epoch-001/weights.safetensors")
 
 

@@ -89,14 +89,14 @@ def feature_dim(encoder: nn.Module) -> int:
 
 
 def timm_preprocess_spec(encoder: nn.Module) -> PreprocessSpec:
-    """Mean, std, interpolation and input size from `timm.data.resolve_data_config` (the pretrained tag's
-    config); timm's centre crop is not used: frames are padded to a square as for FetalCLIP."""
+    """Mean, std and input size from `timm.data.resolve_data_config` (the pretrained tag's config); timm's
+    centre crop and interpolation are not used: frames are padded and resized as for FetalCLIP."""
     cfg = timm.data.resolve_data_config({}, model=encoder)
     _, height, width = cfg["input_size"]
     if height != width:
         raise ValueError(f"fetaliqa needs a square input size, timm model has {height} x {width}")
     return PreprocessSpec(image_size=int(height), mean=tuple(float(m) for m in cfg["mean"]),
-                          std=tuple(float(s) for s in cfg["std"]), interpolation=str(cfg["interpolation"]))
+                          std=tuple(float(s) for s in cfg["std"]))
 
 
 def load_timm_weights(encoder: nn.Module, url: str, storage_options: StorageOptions = None) -> None:

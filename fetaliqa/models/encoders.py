@@ -23,6 +23,7 @@ from open_clip.transformer import VisionTransformer
 from peft import LoraConfig, inject_adapter_in_model
 
 from fetaliqa.errors import InputError, WeightsError
+from fetaliqa.preprocess import resize_by
 from fetaliqa.storage import StorageOptions, local_copy
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -66,13 +67,21 @@ PAPER_FETALCLIP_LORA = LoraSpec(targets=("c_fc", "c_proj", "out_proj"))
 @dataclasses.dataclass(frozen=True)
 class PreprocessSpec:
     """How a frame becomes the model's input: pad to a square (`pad`), resize to `image_size` with
-    `interpolation`, gray to 3 channels, then (x / 255 - mean) / std per channel."""
+    `interpolation`, gray to 3 channels, then (x / 255 - mean) / std per channel.
+
+    `interpolation` names the resize the model was trained on, a key of `fetaliqa.preprocess.RESIZES`; the
+    training recipe sets it ("bicubic" unless `--recipe paper`) and scoring applies it. A model config's
+    own interpolation (open_clip's, timm's) is not used: fetaliqa resizes the frames of every model alike.
+    """
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     pad: str = "centre-zero"
+
+    def __post_init__(self):
+        resize_by(self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
@@ -108,13 +117,12 @@ def create_image_tower(name: str) -> VisionTransformer:
 
 
 def preprocess_spec(visual: VisionTransformer) -> PreprocessSpec:
-    """The tower's preprocessing as open_clip set it (OPENAI mean/std and bicubic unless configured)."""
+    """The tower's preprocessing: mean and std as open_clip set them (OPENAI's unless configured)."""
     cfg = getattr(visual, "preprocess_cfg", {})
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     mean = tuple(float(m) for m in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(s) for s in cfg.get("std", open_clip.OPENAI_DATASET_STD))
-    return PreprocessSpec(image_size=int(size), mean=mean, std=std,
-                          interpolation=str(cfg.get("interpolation", "bicubic")))
+    return PreprocessSpec(image_size=int(size), mean=mean, std=std)
 
 
 def seg_block_indices(depth: int) -> list[int]:

@@ -43,7 +43,7 @@ from fetaliqa.archive import read_image_stack
 from fetaliqa.dicom import is_dicom_candidate, read_dicom_instance
 from fetaliqa.errors import InputError, MissingObjectError, StudyFailedError
 from fetaliqa.layout import SWEEPS_PER_CASE
-from fetaliqa.preprocess import IMAGE_SIZE, resize_frames
+from fetaliqa.preprocess import IMAGE_SIZE, resize_by
 from fetaliqa.score.dicom_listing import list_dicom_studies
 from fetaliqa.storage import StorageOptions
 
@@ -218,12 +218,13 @@ def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
 
 def read_case_row(case_id: str, source: str, storage_options: StorageOptions = None,
                   image_size: int = IMAGE_SIZE, instances: list[str] | None = None, error: str = "",
-                  message: str = "") -> dict:
+                  message: str = "", resize: str = "bicubic") -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
 
     A stacked image is read from `source`; a DICOM study from `instances`, its sweeps in order (each
     instance's frames cropped to its imaging region, resized on their own: instances may differ in size).
-    A case the listing already found bad (`error` set) is returned as it is, unread.
+    A case the listing already found bad (`error` set) is returned as it is, unread. Frames are resized by
+    `resize` (a key of `fetaliqa.preprocess.RESIZES`: the checkpoint's).
 
     Returns {"case_id", "source", "images" (T, S, S) uint8 (S = `image_size`, the checkpoint's),
     "sweeps" (JSON text: a list, one object per sweep in order, {"frames", "height", "width" (native size of
@@ -244,9 +245,9 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
             n, height, width = stack.frames.shape
             sweep = {"frames": n // SWEEPS_PER_CASE, "height": height, "width": width,
                      "spacing": list(stack.spacing_mm), "sop_instance_uid": None}
-            return out | {"images": resize_frames(stack.frames, image_size),
+            return out | {"images": resize_by(resize)(stack.frames, image_size),
                           "sweeps": json.dumps([sweep] * SWEEPS_PER_CASE)}
-        return out | _read_study(case_id, source, instances, storage_options, image_size)
+        return out | _read_study(case_id, source, instances, storage_options, image_size, resize)
     except InputError as err:
         return out | {"error": err.kind, "message": str(err)}
     except Exception as err:  # noqa: BLE001 - one unreadable case must not stop an archive
@@ -254,7 +255,7 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
 
 
 def _read_study(case_id: str, source: str, instances: list[str], storage_options: StorageOptions,
-                image_size: int) -> dict:
+                image_size: int, resize: str) -> dict:
     """`read_case_row`'s fields of a DICOM study, from its instance URIs in sweep order."""
     images, sweeps, notes, failed = [], [], [], []
     for uri in instances:
@@ -266,7 +267,7 @@ def _read_study(case_id: str, source: str, instances: list[str], storage_options
         except Exception as err:  # noqa: BLE001 - one unreadable instance must not stop its study
             failed.append([uri, "unreadable", _unreadable(uri, err)])
             continue
-        images.append(resize_frames(instance.frames, image_size))
+        images.append(resize_by(resize)(instance.frames, image_size))
         n, height, width = instance.frames.shape
         sweeps.append({"frames": n, "height": height, "width": width,
                        "spacing": None if instance.spacing_mm is None else list(instance.spacing_mm),
@@ -288,12 +289,16 @@ def _unreadable(source: str, err: Exception) -> str:
 
 class CaseReader(Datasource):
     """A Read over listed cases: each read task decodes up to `MAX_CASES_PER_READ_TASK` of them and yields
-    one block per case (`read_case_row`'s columns, `images` as a (1, T, S, S) tensor)."""
+    one block per case (`read_case_row`'s columns, `images` as a (1, T, S, S) tensor), its frames resized to
+    `image_size` by `resize` as the checkpoint's model was trained (`PreprocessSpec`)."""
 
-    def __init__(self, cases: pa.Table, storage_options: StorageOptions = None, image_size: int = IMAGE_SIZE):
+    def __init__(self, cases: pa.Table, storage_options: StorageOptions = None, image_size: int = IMAGE_SIZE,
+                 resize: str = "bicubic"):
+        resize_by(resize)  # an unknown name fails here, on the driver, not in every read task
         self.cases = cases
         self.storage_options = storage_options
         self.image_size = image_size
+        self.resize = resize
 
     def get_name(self) -> str:
         return "Cases"  # Ray names the operator "ReadCases"
@@ -335,11 +340,11 @@ class CaseReader(Datasource):
         # Python lists: compact, not the whole slice's buffers
         ids, sources = cases["case_id"].to_pylist(), cases["source"].to_pylist()
         instances, errors, messages = (cases[c].to_pylist() for c in ("instances", "error", "message"))
-        options, size = self.storage_options, self.image_size
+        options, size, resize = self.storage_options, self.image_size, self.resize
 
         def read() -> Iterator:
             for case_id, source, uris, error, message in zip(ids, sources, instances, errors, messages):
-                row = read_case_row(case_id, source, options, size, uris, error, message)
+                row = read_case_row(case_id, source, options, size, uris, error, message, resize)
                 yield BlockAccessor.batch_to_block({key: np.asarray([value]) if key != "images" else value[None]
                                                     for key, value in row.items()})
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fetaliqa.preprocess import square_padding
+from fetaliqa.preprocess import resize_frames_cv2_cubic, square_padding
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def pad_to_square(frame: np.ndarray) -> np.ndarray:
 def paper_resize(image: np.ndarray, mask: np.ndarray, size: int = PAPER_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """(L, L) uint8 image and mask -> (size, size) uint8 each: cv2 INTER_CUBIC for the image, INTER_NEAREST
     for the mask (albumentations' Resize(interpolation=cv2.INTER_CUBIC, mask_interpolation=0))."""
-    return (cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC),
+    return (resize_frames_cv2_cubic(image[None], size)[0],
             cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
 
 

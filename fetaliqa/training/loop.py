@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray.train
@@ -42,6 +42,7 @@ class LoopConfig:
     # DDP must look for trainable parameters without a gradient when the model has some: the paper's
     # out_proj-only LoRA on FetalCLIP is never used in the forward pass.
     find_unused_parameters: bool = False
+    resize: str = "bicubic"  # the frames' resize (`preprocess.RESIZES`), recorded in each checkpoint
     epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-4
@@ -57,6 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     # LoRA dropout: reproducible, distinct per rank (torch_seed: the paper's seed exceeds int64).
     torch.manual_seed(torch_seed(cfg.model.get("seed", 0) * 1000 + rank))
     model, preprocess = build_model(**cfg.model, storage_options=cfg.storage_options)
+    preprocess = replace(preprocess, interpolation=cfg.resize)
     wrapped = ray.train.torch.prepare_model(  # DDP when world > 1; moved to the worker's device
         model, parallel_strategy_kwargs={"find_unused_parameters": cfg.find_unused_parameters})
     device = ray.train.torch.get_device()

@@ -21,13 +21,15 @@ from fetaliqa.training.protocol import PAPER_SEED
 class Recipe:
     """name; seed: the default --seed (split, copies, first trial); paper_copies: train frames materialised
     once as a plain and an augmented copy (else augmented every epoch); seg_loss: key of `step.LOSSES`;
-    strict: positive when score > the default threshold (else >=)."""
+    strict: positive when score > the default threshold (else >=); resize: how frames become 224 px, a key of
+    `preprocess.RESIZES`, recorded in the checkpoint so that scoring resizes alike."""
 
     name: str
     seed: int
     paper_copies: bool
     seg_loss: str
     strict: bool
+    resize: str
 
     def lora(self, model: str) -> LoraSpec:
         """The LoRA placement of `model` in this recipe."""
@@ -35,6 +37,7 @@ class Recipe:
 
 
 RECIPES = {
-    "fetaliqa": Recipe("fetaliqa", seed=0, paper_copies=False, seg_loss="seg", strict=False),
-    "paper": Recipe("paper", seed=PAPER_SEED, paper_copies=True, seg_loss="seg-batch-dice", strict=True),
+    "fetaliqa": Recipe("fetaliqa", seed=0, paper_copies=False, seg_loss="seg", strict=False, resize="bicubic"),
+    "paper": Recipe("paper", seed=PAPER_SEED, paper_copies=True, seg_loss="seg-batch-dice", strict=True,
+                    resize="cv2-cubic"),
 }
