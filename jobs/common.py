@@ -1,5 +1,5 @@
-"""What every recipe shares: the `--storage-options` flag, starting or joining Ray, and turning expected
-errors into one-line exits."""
+"""What every recipe shares: the `--storage-options` flag, starting or joining Ray, the rule for local paths on a
+cluster of several nodes, and turning expected errors into one-line exits."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import ray
 
+from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
 
 log = logging.getLogger("fetaliqa")
@@ -52,6 +53,44 @@ def init_ray(local_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=local_cpus or max(8, os.cpu_count() or 1), include_dashboard=False)
+
+
+def add_shared_filesystem(parser: argparse.ArgumentParser) -> None:
+    """`--shared-filesystem`, for jobs whose Ray tasks read or write the paths they are given."""
+    parser.add_argument("--shared-filesystem", action="store_true",
+                        help="local paths are on a filesystem that every node of the cluster mounts at the same path "
+                             "(NFS, Lustre, ...); without it, a cluster of several nodes refuses local paths")
+
+
+def absolute_local_paths(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Make the local paths among `args.<name>` absolute, in place: Ray's workers run in their own working
+    directories, so a relative path would resolve differently on each. URLs (s3://, file://) are left as they are."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and "://" not in value:
+            setattr(args, name, os.path.abspath(value))
+
+
+def check_paths_reach_every_node(paths: dict[str, str | None], shared_filesystem: bool) -> None:
+    """Refuse local paths when the job's Ray tasks may run on another node than the driver's; one line naming them.
+
+    Read tasks, predictor actors and writers run anywhere on the cluster: a local path there is that node's own
+    disk, so parts would land on each worker's disk and the driver's resume would see only its own. Tasks may run
+    elsewhere when the cluster has more than one node, or when the driver's node offers no CPU (a head started
+    with `--num-cpus 0`, whose work goes to nodes the autoscaler adds). `paths` maps a flag (without dashes) to
+    its value; `shared_filesystem` (`--shared-filesystem`) says every node mounts those paths alike.
+    """
+    local = [f"--{flag} {path}" for flag, path in paths.items() if path and storage.is_local(path)]
+    if shared_filesystem or not local:
+        return
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    own = ray.get_runtime_context().get_node_id()
+    driver_cpus = next((node["Resources"].get("CPU", 0) for node in alive if node["NodeID"] == own), 0)
+    if len(alive) > 1 or not driver_cpus:
+        where = f"a cluster of {len(alive)} nodes" if len(alive) > 1 else "a cluster whose driver node has no CPU"
+        raise FetaliqaError(f"{', '.join(local)}: local path(s) on {where}, where each node would read and write "
+                            "its own disk; use object storage (s3://..., gs://...), or --shared-filesystem when every "
+                            "node mounts these paths")
 
 
 def run_recipe(recipe: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

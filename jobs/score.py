@@ -20,13 +20,19 @@ import ray
 from fetaliqa.models import load_checkpoint
 from fetaliqa.score import ledger, record
 from fetaliqa.score.predict import ScoreFrames
-from fetaliqa.score.read import READ_TASK_MEMORY, CaseReader, list_archive, listing_notes
+from fetaliqa.score.read import READ_TASK_MEMORY, READ_TASK_RETRIES, CaseReader, list_archive, listing_notes
 from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, summarise_cases
-from jobs.common import add_storage_options, init_ray, run_recipe
+from jobs.common import (absolute_local_paths, add_shared_filesystem, add_storage_options,
+                         check_paths_reach_every_node, init_ray, run_recipe)
 
 # A part holds up to 50 cases (42,000 frames of ACOUSLIC): an archive of N cases gets at most
 # max(10, N / 50) files per table, and a failure loses at most the parts being written.
 MAX_CASES_PER_FILE = 50
+# Read tasks whose every attempt died (`READ_TASK_RETRIES`) that a run tolerates, as a share of its read tasks
+# (rounded up): their cases get `worker_died` rows and the next run retries them. Beyond it the run stops, as
+# for any failure it did not expect: so many deaths mean a fault a rerun would meet again (a node too small for
+# its cases, a broken decoder or model), which the morning should see as a failed run, not as a list of errors.
+LOST_READ_TASKS_TOLERATED = 0.05
 
 
 def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
@@ -45,13 +51,18 @@ def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
                         help=f"cases per Parquet part (default: N/10 for N cases, at most {MAX_CASES_PER_FILE})")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's output first and start afresh")
     parser.add_argument("--progress-seconds", type=float, default=30.0, help="seconds between progress lines")
+    add_shared_filesystem(parser)
     add_storage_options(parser)
     return parser
 
 
 def score(args: argparse.Namespace) -> int:
     so, started = args.storage_options, time.perf_counter()
+    absolute_local_paths(args, ("input", "checkpoint", "output"))
     _, meta = load_checkpoint(args.checkpoint, storage_options=so)  # a bad checkpoint fails before any work
+    init_ray()  # before the output changes: a cluster that cannot reach its paths leaves it as it was
+    check_paths_reach_every_node({"input": args.input, "checkpoint": args.checkpoint, "output": args.output},
+                                 args.shared_filesystem)
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
     listed = list_archive(args.input, so)  # before the output changes: a bad --input leaves it as it was
     run["notes"] = listing_notes(listed)  # e.g. single-frame DICOM instances skipped: in the log and run.json
@@ -63,16 +74,18 @@ def score(args: argparse.Namespace) -> int:
     todo = listed.filter(pc.invert(pc.is_in(listed["case_id"], pa.array(sorted(resumed.scored), pa.string()))))
     cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
     record.write_record(args.output, run, so)
-    init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()  # job logs get `ProgressLog` lines
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()  # job logs get `ProgressLog` lines
 
     image_size, stages = meta["preprocess"]["image_size"], ""
     progress = record.Progress.remote()
     writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
     if todo.num_rows:
         reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"])
+        context.max_errored_blocks = math.ceil(LOST_READ_TASKS_TOLERATED * reader.read_task_count())
         ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
-                                      concurrency=reader.read_concurrency())
+                                      concurrency=reader.read_concurrency(),
+                                      ray_remote_args={"max_retries": READ_TASK_RETRIES})
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
                                                                 "batch_size": args.batch_size, "storage_options": so},
                             batch_size=None, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
@@ -83,6 +96,12 @@ def score(args: argparse.Namespace) -> int:
             ds.write_datasink(writer, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
         stages = ds.stats()
         print(stages, flush=True)
+        lost = ledger.record_lost_cases(args.output, run["run_id"], todo, so)
+        if lost:
+            print(f"warning: {lost} case(s) lost with workers that died on every attempt: errors/ rows "
+                  "'worker_died'; rerun the same command to retry them", file=sys.stderr, flush=True)
+            writer.tallies.append({"part": f"{run['run_id']}-lost", "cases": 0, "failed": lost, "frames": 0,
+                                   "positives": 0})
     ray.kill(progress)  # a driver that runs several jobs (tests, benchmarks) keeps no idle actor of each
 
     run = record.finish(run, listed.num_rows, resumed, writer.tallies, cases_per_file, stages,

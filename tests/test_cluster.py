@@ -1,4 +1,5 @@
-"""A real two-node Ray cluster on loopback, token authentication on, and `ray job submit` of the scoring job."""
+"""A real two-node Ray cluster on loopback, token authentication on: `ray job submit` of the scoring job, the
+refusal of local paths that other nodes cannot see, and a run whose worker node dies midway."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 from loopback_s3 import free_port
 
 from fetaliqa.archive import list_cases, read_image_stack
-from fetaliqa.score.schema import FRAMES, read_table
+from fetaliqa.score.schema import ERRORS, FRAMES, read_table
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -51,7 +53,8 @@ def cluster(tmp_path_factory):
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_for_nodes(len(nodes), gcs_port, env)
         wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version")
-        yield {"dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env, "temp_dir": temp_dir}
+        yield {"dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env, "temp_dir": temp_dir,
+               "address": f"127.0.0.1:{gcs_port}", "worker": nodes[1]}
     finally:
         for node in reversed(nodes):
             stop_group(node)
@@ -106,10 +109,11 @@ def stop_group(process: subprocess.Popen) -> None:
 def test_ray_job_submit_scores_an_archive_on_a_two_node_cluster(cluster, small_archive, cls_checkpoint, tmp_path):
     out = tmp_path / "out"
     submission_id = f"fetaliqa-test-{secrets.token_hex(4)}"
+    # Both nodes run on this machine, so its disk is a filesystem every node mounts alike.
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", cluster["dashboard"], "--submission-id", submission_id,
          "--working-dir", ".", "--", "python", "-m", "jobs.score", "--input", str(small_archive),
-         "--checkpoint", cls_checkpoint, "--output", str(out), "--actors", "2"],
+         "--checkpoint", cls_checkpoint, "--output", str(out), "--actors", "2", "--shared-filesystem"],
         cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=600)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     status = subprocess.run([RAY, "job", "status", "--address", cluster["dashboard"], submission_id],
@@ -135,3 +139,47 @@ def test_submitting_without_the_token_is_refused(cluster):
     submit = subprocess.run([RAY, "job", "list", "--address", cluster["dashboard"]], env=env,
                             capture_output=True, text=True, timeout=120)
     assert submit.returncode != 0
+
+
+def test_local_paths_on_two_nodes_are_refused_before_anything_is_written(cluster, small_archive, cls_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    run = run_cli("jobs.score", "--input", str(small_archive), "--checkpoint", cls_checkpoint, "--output", str(out),
+                  env={**cluster["env"], "RAY_ADDRESS": cluster["address"]})
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert errors == [f"python -m jobs.score: error: --input {small_archive}, --checkpoint {cls_checkpoint}, "
+                      f"--output {out}: local path(s) on a cluster of 2 nodes, where each node would read and write "
+                      "its own disk; use object storage (s3://..., gs://...), or --shared-filesystem when every node "
+                      "mounts these paths"], run.stderr[-2000:]
+    assert not out.exists()
+
+
+# Last in this module: it leaves the cluster with its head alone.
+def test_a_run_whose_worker_node_dies_midway_completes_or_its_rerun_does_exactly(cluster, cls_checkpoint, tmp_path):
+    from fetaliqa.synth import write_synthetic_archive
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_synthetic_archive(str(archive), cases=24, frames_per_sweep=6, height=48, width=64, seed=2)
+    command = [sys.executable, "-m", "jobs.score", "--input", str(archive), "--checkpoint", cls_checkpoint,
+               "--output", str(out), "--cases-per-file", "1", "--shared-filesystem"]
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parts = out / "_fetaliqa" / "parts"
+    deadline = time.monotonic() + 300
+    while driver.poll() is None and not (parts.exists() and any(parts.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed_midway = driver.poll() is None
+    raylets = [p for p in psutil.Process(cluster["worker"].pid).children(recursive=True) if p.name() == "raylet"]
+    assert raylets, "the worker node's raylet was not found"
+    for raylet in raylets:
+        raylet.kill()  # SIGKILL: the node is gone without a word
+    log = driver.communicate(timeout=600)[0]
+    if driver.returncode != 0:  # the run may fail with its node: the rerun on the head alone must finish it
+        rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert killed_midway, log[-3000:]
+
+    frames = read_table(str(out), FRAMES)
+    keys = list(zip(frames["case_id"].to_pylist(), frames["frame"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 24 * 6 * 6
+    assert read_table(str(out), ERRORS).num_rows == 0

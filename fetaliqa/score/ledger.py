@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fetaliqa import storage
-from fetaliqa.score.schema import LEDGER_DIR, ROW_GROUP_ROWS, RUN_RECORD, TABLES, part_name
+from fetaliqa.score.schema import ERRORS_SCHEMA, LEDGER_DIR, ROW_GROUP_ROWS, RUN_RECORD, TABLES, part_name
 from fetaliqa.storage import StorageOptions
 
 PARTS_DIR = f"{LEDGER_DIR}/parts"
@@ -159,3 +159,26 @@ def _ls(fs, path: str) -> list[str]:
     except FileNotFoundError:
         return []
     return [e["name"] for e in entries if e["type"] == "file"]
+
+
+def record_lost_cases(output_url: str, run_id: str, todo: pa.Table, storage_options: StorageOptions = None) -> int:
+    """Commit an `errors/` row (kind `worker_died`) for each case of `todo` (`case_id`, `source` columns) that no
+    part of run `run_id` committed: a read worker that died on every attempt (killed for memory, a crashing
+    decoder) takes its task's cases with it, and Ray Data, told to tolerate lost blocks, goes on with the rest.
+    The rows are an ordinary part's failed cases, so the next run reads them again. Returns how many there were.
+    """
+    done = set()
+    for record in load_records(output_url, storage_options):
+        if record["part"].startswith(f"{run_id}-"):
+            done.update(record["scored"], record["failed"])
+    lost = todo.filter(pc.invert(pc.is_in(todo["case_id"], pa.array(sorted(done), pa.string()))))
+    if not lost.num_rows:
+        return 0
+    sources = lost["source"].to_pylist()
+    errors = pa.table({
+        "case_id": lost["case_id"], "source": lost["source"], "error": pa.repeat("worker_died", lost.num_rows),
+        "message": [f"{source}: lost: the task holding it failed on every attempt (its worker killed for memory, a "
+                    "crashing decoder, a lost node); the next run retries it" for source in sources],
+        "run_id": pa.repeat(run_id, lost.num_rows)}, schema=ERRORS_SCHEMA)
+    write_part(output_url, f"{run_id}-lost", {"errors": errors}, [], lost["case_id"].to_pylist(), storage_options)
+    return lost.num_rows

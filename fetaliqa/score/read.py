@@ -29,6 +29,7 @@ import json
 import math
 import os
 import posixpath
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -69,6 +70,14 @@ READ_TASK_MEMORY = 3 << 29  # 1.5 GiB
 # little and large cases still spread over every CPU (at least `TASKS_PER_CPU` tasks per cluster CPU).
 MAX_CASES_PER_READ_TASK = 32
 TASKS_PER_CPU = 4
+# Attempts of a read task after the first when its worker dies. Ray Data's default retries for ever, so a case
+# that kills its worker every time (a decoder that crashes on it, memory it needs and the node lacks) would hold
+# the run until morning; after these its task's cases are lost and `jobs.score` records them (`worker_died`).
+READ_TASK_RETRIES = 3
+
+# Fault injection for tests: a comma-separated list of case ids whose read kills its worker (SIGKILL, as the
+# kernel's OOM killer does) on every attempt.
+KILL_READ_ENV = "FETALIQA_FAULT_KILL_READ_OF"
 
 
 def list_archive(input_url: str, storage_options: StorageOptions = None) -> pa.Table:
@@ -344,9 +353,15 @@ class CaseReader(Datasource):
 
         def read() -> Iterator:
             for case_id, source, uris, error, message in zip(ids, sources, instances, errors, messages):
+                _maybe_die_reading(case_id)
                 row = read_case_row(case_id, source, options, size, uris, error, message, resize)
                 yield BlockAccessor.batch_to_block({key: np.asarray([value]) if key != "images" else value[None]
                                                     for key, value in row.items()})
 
         metadata = BlockMetadata(num_rows=len(ids), size_bytes=None, exec_stats=None, input_files=None)
         return ReadTask(read, metadata)
+
+
+def _maybe_die_reading(case_id: str) -> None:
+    if case_id in os.environ.get(KILL_READ_ENV, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
