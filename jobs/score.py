@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import ray
 
 from fetaliqa.models import load_checkpoint
+from fetaliqa.redact import redact_text
 from fetaliqa.score import ledger, record
 from fetaliqa.score.predict import ScoreFrames
 from fetaliqa.score.read import READ_TASK_MEMORY, CaseReader, list_archive, listing_notes
@@ -54,7 +55,8 @@ def score(args: argparse.Namespace) -> int:
     _, meta = load_checkpoint(args.checkpoint, storage_options=so)  # a bad checkpoint fails before any work
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
     listed = list_archive(args.input, so)  # before the output changes: a bad --input leaves it as it was
-    run["notes"] = listing_notes(listed)  # e.g. single-frame DICOM instances skipped: in the log and run.json
+    # e.g. single-frame DICOM instances skipped: in the log and run.json, their URLs redacted
+    run["notes"] = [redact_text(note) for note in listing_notes(listed)]
     for note in run["notes"]:
         print(f"note: {note}", flush=True)
     if args.overwrite:
