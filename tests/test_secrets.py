@@ -146,9 +146,9 @@ def test_presigned_manifest_scores_and_leaks_no_signature(s3_server, s3_endpoint
     assert all("X-Amz-Signature=" in r.query for r in gets)
     # The good cases scored; the missing one is an errors/ row named by its public URL.
     assert sorted(read_table(str(out), CASES)["case_id"].to_pylist()) == sorted(ids)
-    failed = read_table(str(out), ERRORS).to_pylist()
-    assert [(row["case_id"], row["error"], row["source"]) for row in failed] == [("gone", "missing", public_url(urls[3]))]
-    assert failed[0]["message"].startswith(f"{public_url(urls[3])}: ")
+    failed, gone = read_table(str(out), ERRORS).to_pylist(), public_url(urls[3])
+    assert [(row["case_id"], row["error"], row["source"]) for row in failed] == [("gone", "missing", gone)]
+    assert failed[0]["message"].startswith(f"{gone}: ")
     run = json.loads((out / "run.json").read_text())
     assert run["cases"]["scored"] == 3 and run["cases"]["failed"] == 1
 
