@@ -2,9 +2,14 @@
 
 Every error about user input derives from `InputError`, whose `kind` is the short label written to
 the `error` column of a scoring run's `errors/` table and whose message reads ``<source>: <problem>``.
+An `InputError` is the one choke point of every message about an input: its source and problem are
+redacted (`fetaliqa.redact.redact_text`: no user info, query string or fragment of any URL in them), so
+that no presigned URL's signature reaches an `errors/` row or a log line.
 """
 
 from __future__ import annotations
+
+from fetaliqa.redact import redact_text
 
 
 class FetaliqaError(Exception):
@@ -12,13 +17,13 @@ class FetaliqaError(Exception):
 
 
 class InputError(FetaliqaError):
-    """A problem with one input file or object; `str(err)` is ``"<source>: <problem>"`` on one line."""
+    """A problem with one input file or object; `str(err)` is ``"<source>: <problem>"`` on one line, redacted."""
 
     kind = "input"
 
     def __init__(self, source: str, problem: str):
-        self.source = str(source)
-        self.problem = " ".join(str(problem).split())  # keep it on one line
+        self.source = redact_text(str(source))
+        self.problem = redact_text(" ".join(str(problem).split()))  # keep it on one line
         super().__init__(f"{self.source}: {self.problem}")
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import posixpath
+from urllib.parse import urlsplit
 
 IMAGES_DIR = "images/stacked_fetal_ultrasound"
 MASKS_DIR = "masks/stacked_fetal_abdomen"
@@ -28,14 +29,20 @@ def sweep_of_frame(frame: int, n_frames: int) -> int:
     return frame // (n_frames // SWEEPS_PER_CASE)
 
 
+def url_path(uri: str) -> str:
+    """The path of `uri`: a URL's without its query string or fragment (a presigned
+    `https://host/bucket/case.mha?X-Amz-Signature=...` -> `/bucket/case.mha`); a local path as it is."""
+    return urlsplit(uri).path if "://" in uri else uri
+
+
 def image_suffix(uri: str) -> str | None:
-    """The recognised image suffix of `uri` (lower-cased), or None."""
-    lower = uri.lower()
+    """The recognised image suffix of `uri`'s path (lower-cased), or None."""
+    lower = url_path(uri).lower()
     return next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
 
 
 def case_id_of(uri: str) -> str:
-    """Case id of an image URI: its file name without the image suffix."""
-    name = posixpath.basename(uri.rstrip("/"))
+    """Case id of an image URI: the file name of its path without the image suffix."""
+    name = posixpath.basename(url_path(uri).rstrip("/"))
     suffix = image_suffix(name)
     return name[: -len(suffix)] if suffix else name

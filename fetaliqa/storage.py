@@ -18,6 +18,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from fetaliqa.errors import BadUrlError, CredentialsError, EmptyFileError, InputError, MissingObjectError
+from fetaliqa.layout import url_path
 
 StorageOptions = dict[str, Any] | None
 
@@ -75,7 +76,7 @@ def local_copy(url: str, storage_options: StorageOptions = None, max_bytes: int 
             raise EmptyFileError(url, "file is empty")
         yield path
         return
-    suffix = "".join(_suffixes(path))
+    suffix = "".join(_suffixes(url_path(url)))  # of the path: a presigned URL's query string is no suffix
     with tempfile.TemporaryDirectory(prefix="fetaliqa-") as tmp:
         local = os.path.join(tmp, "object" + suffix)
         try:

@@ -1,5 +1,5 @@
-"""What every recipe shares: the `--storage-options` flag, starting or joining Ray, the rule for local paths on a
-cluster of several nodes, and turning expected errors into one-line exits."""
+"""What every recipe shares: the `--storage-options` flag (which refuses credentials), starting or joining Ray,
+the rule for local paths on a cluster of several nodes, and turning expected errors into one-line exits."""
 
 from __future__ import annotations
 
@@ -14,25 +14,57 @@ import ray
 
 from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.redact import redact_text
 
 log = logging.getLogger("fetaliqa")
 
 
+# Keys that hold a secret in fsspec's backends' options (s3fs and botocore, gcsfs, adlfs), at any depth
+# (`client_kwargs`, `config_kwargs`, ...), compared in lower case. `anon` and `profile` (a name) are no secrets.
+CREDENTIAL_KEYS = frozenset({
+    "key", "secret", "token", "password", "passwd", "access_key", "secret_key", "session_token",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "security_token",
+    "account_key", "sas_token", "connection_string", "client_secret", "credential", "credentials",
+})
+CREDENTIALS_CHAIN = ("credentials come from the standard AWS/fsspec chain on every node: environment variables "
+                     "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), shared credentials and config "
+                     "files (~/.aws/credentials, AWS_PROFILE or {\"profile\": NAME}), instance or pod roles")
+
+
 def add_storage_options(parser: argparse.ArgumentParser) -> None:
-    """`--storage-options JSON`, the one definition every job uses."""
+    """`--storage-options JSON`, the one definition every job uses; it refuses credentials (see `_storage_options`)."""
     parser.add_argument("--storage-options", type=_storage_options, default=None,
                         help='JSON object of fsspec options, e.g. {"endpoint_url": "http://127.0.0.1:9000"}; '
-                             "credentials come from the standard AWS/fsspec chain, never from here")
+                             "no credentials: " + CREDENTIALS_CHAIN)
 
 
 def _storage_options(text: str) -> dict:
+    """The JSON object `text`. A credential key at any depth raises `FetaliqaError` (which `run_recipe` reports
+    as one line, exit code 2) naming the key, never its value: options travel in Ray task specs and a job's
+    command line shows on the dashboard."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
+    found = _credential_keys(value, "")
+    if found:
+        raise FetaliqaError(f"--storage-options holds credentials ({', '.join(found)}); refused: they would travel "
+                            f"in Ray task specs and show on the dashboard; {CREDENTIALS_CHAIN}")
     return value
+
+
+def _credential_keys(options: dict, prefix: str) -> list[str]:
+    """Dotted paths of the credential keys in `options` and the dicts nested in it."""
+    found = []
+    for key, value in options.items():
+        path = f"{prefix}{key}"
+        if str(key).lower() in CREDENTIAL_KEYS:
+            found.append(path)
+        elif isinstance(value, dict):
+            found += _credential_keys(value, path + ".")
+    return found
 
 
 def init_ray(local_cpus: int | None = None) -> None:
@@ -95,13 +127,13 @@ def check_paths_reach_every_node(paths: dict[str, str | None], shared_filesystem
 
 def run_recipe(recipe: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
                argv: list[str] | None) -> int:
-    """Parse `argv`, run `recipe`, and report a FetaliqaError as one line on stderr with exit code 2."""
-    args = parser.parse_args(argv)
+    """Parse `argv`, run `recipe`, and report a FetaliqaError as one line on stderr (redacted:
+    `fetaliqa.redact.redact_text`) with exit code 2."""
     # Libraries (open_clip, Ray) log their own INFO chatter to the root logger; show only their warnings.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     try:
-        return recipe(args)
+        return recipe(parser.parse_args(argv))  # parsing too: `--storage-options` refuses credentials this way
     except FetaliqaError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {redact_text(str(err))}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import ray
 
 from fetaliqa.models import load_checkpoint
+from fetaliqa.redact import redact_text
 from fetaliqa.score import ledger, record
 from fetaliqa.score.predict import ScoreFrames
 from fetaliqa.score.read import READ_TASK_MEMORY, READ_TASK_RETRIES, CaseReader, list_archive, listing_notes
@@ -65,7 +66,8 @@ def score(args: argparse.Namespace) -> int:
                                  args.shared_filesystem)
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
     listed = list_archive(args.input, so)  # before the output changes: a bad --input leaves it as it was
-    run["notes"] = listing_notes(listed)  # e.g. single-frame DICOM instances skipped: in the log and run.json
+    # e.g. single-frame DICOM instances skipped: in the log and run.json, their URLs redacted
+    run["notes"] = [redact_text(note) for note in listing_notes(listed)]
     for note in run["notes"]:
         print(f"note: {note}", flush=True)
     if args.overwrite:

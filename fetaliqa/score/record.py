@@ -1,7 +1,7 @@
 """What a scoring run tells its user: a progress line in the job log, and `run.json` in the output.
 
 `run.json` (rewritten at the start and at the end of every run; never credentials nor `--storage-options`
-values, and URLs without user or password):
+values, and URLs as `fetaliqa.redact.public_url` gives them: without user, password or query string):
   run_id, status ("running" | "complete"), started, ended (UTC, ISO 8601), seconds, input, output,
   checkpoint, checkpoint_id, model, task, versions {fetaliqa, ray, torch},
   cases {listed, skipped (complete before this run), scored, failed, retried (failed before, read again)},
@@ -20,12 +20,12 @@ import threading
 import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
-from urllib.parse import urlsplit, urlunsplit
 
 import ray
 
 from fetaliqa import __version__, storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.redact import public_url
 from fetaliqa.score.schema import RUN_RECORD
 from fetaliqa.storage import StorageOptions
 
@@ -49,14 +49,6 @@ def versions() -> dict[str, str]:
             return None
 
     return {"fetaliqa": __version__, "ray": ray.__version__, "torch": installed("torch")}
-
-
-def public_url(url: str) -> str:
-    """`url` without a user name or password (`s3://key:secret@bucket/x` -> `s3://bucket/x`)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def read_record(output_url: str, storage_options: StorageOptions = None) -> dict | None:

@@ -25,6 +25,7 @@ from ray.data.datasource import Datasink
 
 from fetaliqa.ellipse import circumference_mm
 from fetaliqa.preprocess import mask_to_native
+from fetaliqa.redact import redact_text
 from fetaliqa.score import ledger
 from fetaliqa.score.schema import CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, CASES
 from fetaliqa.storage import StorageOptions
@@ -52,14 +53,20 @@ def summarise_cases(batch: dict[str, np.ndarray], threshold: float, image_size: 
     batch: `ScoreFrames`' output (`scores` (T,) float32; SEG: `masks` (T, S*S/8), each frame's (S, S) mask
     bit-packed, S = `image_size`). A SEG frame's `mask_area` counts its mask's pixels at native size (0 when
     empty); its `mask_png` is set where the frame is positive; `ac_mm` is the ellipse fit to the best
-    frame's native mask.
+    frame's native mask. Its text columns (`case_id`, `source`, `message`, `note`, `instance_errors`) are
+    `fetaliqa.redact.redact_text`ed: no presigned URL's query string goes farther.
     """
     rows = [_summarise_case(batch, i, threshold, image_size) for i in range(len(batch["case_id"]))]
     return pa.Table.from_pylist(rows, schema=CASE_ROW_SCHEMA)
 
 
 def _summarise_case(batch: dict[str, np.ndarray], i: int, threshold: float, side: int) -> dict:
-    row = {key: str(batch[key][i]) for key in ("case_id", "source", "error", "message", "instance_errors", "note")}
+    # Every text a row writes is redacted here, the one way to the output: reading used the URLs whole, the
+    # tables and commit records get them without query strings. Redacting `case_id` changes no scored case's id
+    # (a file name's stem or a StudyInstanceUID), only a failed one's that holds a presigned URL.
+    row = {key: redact_text(str(batch[key][i])) for key in ("case_id", "source", "error", "message", "note")}
+    row["instance_errors"] = json.dumps([[redact_text(text) for text in failure]
+                                         for failure in json.loads(str(batch["instance_errors"][i]) or "[]")])
     row["note"] = row["note"] or None
     scores = np.asarray(batch["scores"][i], np.float32)
     n = len(scores)
