@@ -2,11 +2,38 @@
 
 Credentials come from fsspec's own chain (for S3: the AWS environment variables, profiles, instance
 roles) or from `storage_options`; nothing here logs them or copies them into outputs.
+
+Retries. Every filesystem fetaliqa uses comes from `filesystem()` (the driver's listing and commit records,
+read workers, write tasks), so every S3 read, write and listing gets one retry policy, `S3_RETRY_DEFAULTS`,
+merged under the user's `storage_options` (the user's keys win, nested dicts key by key):
+
+- botocore's "standard" retry mode with `max_attempts` 5: each request is retried up to 5 times (6 attempts)
+  on 500/502/503/504, throttling codes (SlowDown, ...), RequestTimeout, and connection errors before or
+  while reading a response (a reset, a refused or timed-out connection), after a jittered exponential
+  backoff of rand(0, 1) x min(2^(i-1), 20) s before retry i: at most 1 + 2 + 4 + 8 + 16 = 31 s in all
+  (about 15 s on average). A client's retry quota (botocore's: 500 tokens, 5 a retry, 10 a timeout's, paid
+  back by successes) stops retry storms against a store that is down: with it spent, errors come at once.
+  403, 404 and other 4xx are not retried: a permanent fault costs one request.
+- s3fs's own retries (`S3FileSystem.retries`, its default 5 attempts, kept) cover what botocore cannot: a
+  connection reset or short read while streaming a GET's body (s3fs resumes or repeats the ranged GET),
+  after 0.1 x 1.7^i s; and a SlowDown that outlasts botocore's 6 attempts, repeated after the same pause.
+  So a sustained SlowDown costs at most 5 x 6 = 30 requests and about 5 x 31 + 2 = 157 s before a
+  case becomes an `errors/` row; any other transient fault at most 6 requests and 31 s.
+- s3fs's timeouts are kept: 5 s to connect, 15 s to read (a stalled response is a retried timeout).
+
+Why standard, not adaptive: adaptive adds a client-side rate limiter per client, i.e. per process, which
+can slow that process to 0.5 requests/s after a throttle, while S3 throttles per prefix across every node;
+jittered backoff spreads the retries of many workers without stalling a healthy one. Choose it, or other
+numbers, with `--storage-options '{"config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 10}}}'`.
+An explicit `config_kwargs.retries` also takes precedence over AWS_RETRY_MODE / AWS_MAX_ATTEMPTS and AWS
+config files, so a node's environment cannot silently turn retries off. Other protocols keep fsspec's
+behaviour (gcsfs and adlfs retry transient errors themselves).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import posixpath
 import tempfile
@@ -15,21 +42,48 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 from fetaliqa.errors import BadUrlError, CredentialsError, EmptyFileError, InputError, MissingObjectError
 
 StorageOptions = dict[str, Any] | None
 
 
+S3_RETRY_DEFAULTS: dict[str, Any] = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 5}}}
+_S3_PROTOCOLS = {"s3", "s3a"}
+
+
 def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem serving `url` and the path of `url` on it; `BadUrlError` for an unknown scheme."""
+    """The filesystem serving `url` and the path of `url` on it; `BadUrlError` for an unknown scheme.
+
+    For s3:// and s3a:// URLs, `storage_options` are merged over `S3_RETRY_DEFAULTS` (`with_retry_defaults`).
+    """
     if not url:
         raise BadUrlError(repr(url), "empty URL")
+    options = storage_options or {}
+    if split_protocol(url)[0] in _S3_PROTOCOLS:
+        options = with_retry_defaults(options)
     try:
-        return url_to_fs(url, **(storage_options or {}))
+        return url_to_fs(url, **options)
     except (ValueError, ImportError) as err:
         raise BadUrlError(url, f"no filesystem for this URL ({err})") from err
+
+
+def with_retry_defaults(storage_options: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `S3_RETRY_DEFAULTS` with `storage_options` merged over it. The user's value wins at every
+    key; dicts are merged key by key, so `{"config_kwargs": {"read_timeout": 30}}` keeps the retries. (A user's
+    `retries.total_max_attempts` beats the default `max_attempts`: botocore reads it first.)"""
+    return _merged(S3_RETRY_DEFAULTS, storage_options)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a deep copy of `base`, recursively where both values are dicts. A copy because
+    botocore rewrites the `retries` dict it is given (max_attempts -> total_max_attempts)."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_dicts else copy.deepcopy(value)
+    return merged
 
 
 def join(base: str, *parts: str) -> str:
