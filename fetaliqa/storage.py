@@ -5,21 +5,23 @@ roles) or from `storage_options`; nothing here logs them or copies them into out
 
 Retries. Every filesystem fetaliqa uses comes from `filesystem()` (the driver's listing and commit records,
 read workers, write tasks), so every S3 read, write and listing gets one retry policy, `S3_RETRY_DEFAULTS`,
-merged under the user's `storage_options` (the user's keys win, nested dicts key by key):
+merged under the user's `storage_options` (the user's value wins at every key; nested dicts merge key by key):
 
-- botocore's "standard" retry mode with `max_attempts` 5: each request is retried up to 5 times (6 attempts)
-  on 500/502/503/504, throttling codes (SlowDown, ...), RequestTimeout, and connection errors before or
-  while reading a response (a reset, a refused or timed-out connection), after a jittered exponential
-  backoff of rand(0, 1) x min(2^(i-1), 20) s before retry i: at most 1 + 2 + 4 + 8 + 16 = 31 s in all
-  (about 15 s on average). A client's retry quota (botocore's: 500 tokens, 5 a retry, 10 a timeout's, paid
-  back by successes) stops retry storms against a store that is down: with it spent, errors come at once.
-  403, 404 and other 4xx are not retried: a permanent fault costs one request.
-- s3fs's own retries (`S3FileSystem.retries`, its default 5 attempts, kept) cover what botocore cannot: a
-  connection reset or short read while streaming a GET's body (s3fs resumes or repeats the ranged GET),
-  after 0.1 x 1.7^i s; and a SlowDown that outlasts botocore's 6 attempts, repeated after the same pause.
-  So a sustained SlowDown costs at most 5 x 6 = 30 requests and about 5 x 31 + 2 = 157 s before a
-  case becomes an `errors/` row; any other transient fault at most 6 requests and 31 s.
-- s3fs's timeouts are kept: 5 s to connect, 15 s to read (a stalled response is a retried timeout).
+- botocore's "standard" retry mode, `max_attempts` 5 (retries, so 6 attempts a request), on 500/502/503/504,
+  throttling codes (SlowDown, ...), RequestTimeout, and connection errors (refused, reset, closed, timed
+  out) before or while reading a response that is not streamed; before retry i a jittered backoff of
+  rand(0, 1) x min(2^(i-1), 20) s: at most 1 + 2 + 4 + 8 + 16 = 31 s a request (about 15 s on average).
+  A client's retry quota (botocore's: 500 tokens, 5 a retry, 10 a timeout's, paid back by successes) stops
+  retry storms against a store that is down: once it is spent, errors come at once.
+- s3fs's own wrapper around every call (`S3FileSystem.retries`: its default, 5 tries, kept) repeats a call
+  that botocore gave up on if it failed by a SlowDown, a closed connection or read timeout, or while
+  streaming a GET's body (a reset mid-body, which botocore cannot retry: it has returned the response;
+  s3fs repeats the GET, from the byte it reached for a whole-object download), after 0.1 x 1.7^i s.
+- Worst case for one call: a 500 that persists, 6 requests and 31 s; a SlowDown or reset that persists,
+  5 x 6 = 30 requests and 5 x 31 + 2 = 157 s; a store that accepts connections and never answers, those
+  30 requests' 15 s read timeouts (s3fs's, kept, as is its 5 s to connect) on top, about 10 minutes. Then
+  the call raises as it would without retries (a read's case gets its `errors/` row).
+- 403, 404 and other 4xx are retried by neither: a permanent fault costs one request.
 
 Why standard, not adaptive: adaptive adds a client-side rate limiter per client, i.e. per process, which
 can slow that process to 0.5 requests/s after a throttle, while S3 throttles per prefix across every node;
@@ -27,7 +29,7 @@ jittered backoff spreads the retries of many workers without stalling a healthy 
 numbers, with `--storage-options '{"config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 10}}}'`.
 An explicit `config_kwargs.retries` also takes precedence over AWS_RETRY_MODE / AWS_MAX_ATTEMPTS and AWS
 config files, so a node's environment cannot silently turn retries off. Other protocols keep fsspec's
-behaviour (gcsfs and adlfs retry transient errors themselves).
+behaviour.
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ def test_storage_options_override_the_retry_defaults(s3_bucket, proxy_factory):
     fs, root = storage.filesystem(bucket, direct)
     fs.pipe_file(f"{root}/object.bin", b"bytes")
 
-    defaults = storage.filesystem(bucket, {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"read_timeout": 30}})[0]
-    assert defaults.config_kwargs == {"read_timeout": 30, "retries": {"mode": "standard", "max_attempts": 5}}
+    merged = storage.filesystem(bucket, {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"read_timeout": 30}})[0]
+    assert merged.config_kwargs == {"read_timeout": 30, "retries": {"mode": "standard", "max_attempts": 5}}
     assert storage.filesystem("memory://x")[0].storage_options == {}  # other protocols: fsspec's own
 
     url = f"{bucket}/object.bin"
@@ -101,6 +101,8 @@ def test_storage_options_override_the_retry_defaults(s3_bucket, proxy_factory):
     with storage.local_copy(url, {"endpoint_url": proxy.url}) as local:  # the default policy retries the 500
         assert Path(local).read_bytes() == b"bytes"
     assert proxy.requests["GET object"] == 2
+    client = storage.filesystem(url, {"endpoint_url": proxy.url})[0].s3  # the cached filesystem that read it
+    assert client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
 
     proxy = proxy_factory(rate=0.0, faults=("internal",), force_first=("GET object",))
     no_retries = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 0}}}
