@@ -6,6 +6,8 @@ gives it); a mask stack has the same shape with values in {0, 1, 2}. T is a mult
 
 Every problem with an input raises the matching `fetaliqa.errors.InputError` subclass, whose one-line
 message names the URI as the user gave it (never a temporary copy) and the problem.
+Readers given a `max_bytes` compute the decoded size from the header (SimpleITK's `ReadImageInformation`:
+size, components, pixel type; no pixel read) and refuse a larger image with `TooLargeError` before decoding.
 
 Formats: anything SimpleITK reads with one of `layout.IMAGE_SUFFIXES` (.mha, .nii.gz, .nii, .nrrd, and
 .mhd for local files only: its pixel data sits in a separate file that is not copied from object storage).
