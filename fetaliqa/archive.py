@@ -6,6 +6,8 @@ gives it); a mask stack has the same shape with values in {0, 1, 2}. T is a mult
 
 Every problem with an input raises the matching `fetaliqa.errors.InputError` subclass, whose one-line
 message names the URI as the user gave it (never a temporary copy) and the problem.
+Readers given a `max_bytes` compute the decoded size from the header (SimpleITK's `ReadImageInformation`:
+size, components, pixel type; no pixel read) and refuse a larger image with `TooLargeError` before decoding.
 
 Formats: anything SimpleITK reads with one of `layout.IMAGE_SUFFIXES` (.mha, .nii.gz, .nii, .nrrd, and
 .mhd for local files only: its pixel data sits in a separate file that is not copied from object storage).
@@ -38,6 +40,7 @@ from fetaliqa.errors import (
     MissingMaskError,
     MissingObjectError,
     NotAnImageError,
+    TooLargeError,
     TruncatedFileError,
 )
 from fetaliqa.storage import StorageOptions
@@ -171,8 +174,12 @@ def _sorted_unique(source: str, cases: list[CaseRef]) -> list[CaseRef]:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def read_image_stack(uri: str, storage_options: StorageOptions = None) -> Stack:
+def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> Stack:
     """Read one stacked image as a `Stack` of ``(T, H, W)`` uint8 frames.
+
+    `max_bytes`: the most the decoded pixels may take (None: no limit). Their size is computed from the
+    header alone (T x H x W x components x bytes a component) before anything is decoded: a header that
+    declares more is `TooLargeError`, never an allocation.
 
     The whole case is decoded at once: the ACOUSLIC .mha files are zlib-compressed MetaImage, whose
     pixel data is one deflate stream, so there is no way to reach the frames of sweep 6 without
@@ -192,12 +199,14 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None) -> Stack:
 
     Raises (each naming `uri`): `MissingObjectError`, `EmptyFileError`, `NotAnImageError` (SimpleITK
     cannot parse a header), `TruncatedFileError` (header fine but pixel data short or corrupt),
-    `BadShapeError` (not 3-D), `BadDtypeError` (vector pixels such as RGB, or values out of range),
-    `BadFrameCountError` (T not a multiple of `layout.SWEEPS_PER_CASE`).
+    `BadShapeError` (not 3-D), `TooLargeError` (decoded size over `max_bytes`), `BadDtypeError` (vector
+    pixels such as RGB, or values out of range), `BadFrameCountError` (T not a multiple of
+    `layout.SWEEPS_PER_CASE`).
     """
     with storage.local_copy(uri, storage_options) as local:
         reader = _read_header(local, uri)
         n_frames = _stack_shape(reader, uri)[0]
+        _check_decoded_size(reader, uri, max_bytes)
         _check_scalar(reader, uri)
         if n_frames % layout.SWEEPS_PER_CASE:
             raise BadFrameCountError(
@@ -230,13 +239,15 @@ def read_image_geometry(uri: str, storage_options: StorageOptions = None
     return _stack_shape(reader, uri), (float(spacing[1]), float(spacing[0]))
 
 
-def read_mask_stack(uri: str, image: Stack | None = None, storage_options: StorageOptions = None) -> np.ndarray:
+def read_mask_stack(uri: str, image: Stack | None = None, storage_options: StorageOptions = None,
+                    max_bytes: int | None = None) -> np.ndarray:
     """Read the mask stack of `image` (or a mask alone when `image` is None): ``(T, H, W)`` uint8, {0, 1, 2}.
 
     Any integer or floating pixel type is accepted when every value is one of 0, 1, 2. Raises (each
     naming `uri`): `MaskMismatchError` when the mask's shape differs from ``image.frames.shape`` (checked
     from the header, before decoding), `BadMaskValuesError` listing values outside {0, 1, 2},
-    `BadDtypeError` for vector pixels, and the read errors of `read_image_stack`.
+    `BadDtypeError` for vector pixels, and the read errors of `read_image_stack` (`TooLargeError` with
+    `max_bytes` as there).
     """
     with storage.local_copy(uri, storage_options) as local:
         reader = _read_header(local, uri)
@@ -247,6 +258,7 @@ def read_mask_stack(uri: str, image: Stack | None = None, storage_options: Stora
                 f"mask shape {_shape_text(shape)} differs from image shape "
                 f"{_shape_text(image.frames.shape)} ({image.source})",
             )
+        _check_decoded_size(reader, uri, max_bytes)
         _check_scalar(reader, uri)
         mask_image = _read_pixels(reader, local, uri)
     if mask_image.GetPixelID() == sitk.sitkUInt8:
@@ -320,6 +332,30 @@ def _stack_shape(reader: sitk.ImageFileReader, uri: str) -> tuple[int, int, int]
         raise BadShapeError(uri, f"{len(size)}-D image of shape {_shape_text(size[::-1])}; "
                                  "expected a 3-D stack of frames (T x H x W)")
     return tuple(size[::-1])
+
+
+def decoded_bytes(reader: sitk.ImageFileReader) -> int:
+    """Bytes SimpleITK allocates to decode the image whose header `reader` has read (`ReadImageInformation`)."""
+    return math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * _component_bytes(reader)
+
+
+def _component_bytes(reader: sitk.ImageFileReader) -> int:
+    return sitk.Image([1, 1], reader.GetPixelID(), 1).GetSizeOfPixelComponent()  # of a 1-pixel image
+
+
+def _check_decoded_size(reader: sitk.ImageFileReader, uri: str, max_bytes: int | None) -> None:
+    """`TooLargeError` naming `uri` when the decoded pixels would take more than `max_bytes` (None: no limit)."""
+    n_bytes = decoded_bytes(reader)
+    if max_bytes is None or n_bytes <= max_bytes:
+        return
+    shape = [str(n) for n in reversed(reader.GetSize())]  # (T, H, W) for a stack
+    if len(shape) == 3:
+        shape[0] += " frames"
+    components = reader.GetNumberOfComponents()
+    component = _component_bytes(reader)
+    dims = " x ".join(shape + [f"{components} components"] * (components > 1)
+                      + [f"{component} byte{'s' * (component > 1)}"])
+    raise TooLargeError.over_limit(uri, n_bytes, dims, max_bytes)
 
 
 def _read_pixels(reader: sitk.ImageFileReader, local: str, uri: str) -> sitk.Image:

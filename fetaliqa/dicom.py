@@ -20,13 +20,24 @@ Gray (the frames of ACOUSLIC are single-channel luma), by photometric interpreta
 - PALETTE COLOR: the luma of the palette's RGB entry (16-bit entries scaled to 8 bits, v / 257 rounded).
 Samples must be 8-bit unsigned (palette indices 8 or 16 bits); others raise `BadDtypeError`.
 
+Checked before anything is decoded (`read_dicom_header` and `read_dicom_instance` alike):
+- the StudyInstanceUID obeys the UI rules of PS3.5 9.1 (it becomes a case id, and so a path): `BadUidError`;
+- a DICOMDIR (Media Storage Directory Storage, the index of a file set) is no instance: `DicomDirectoryError`;
+- with a limit, the decoded size NumberOfFrames x Rows x Columns x SamplesPerPixel x BitsAllocated / 8 from the
+  header: `TooLargeError` (`read_dicom_instance`'s `max_bytes`, `InstanceHeader.check_size`).
+Truncation is found from where parsing stopped, not from pydicom's warnings (pydicom warns and drops an
+element the file ends inside; catching that warning changes process-global filters, and headers are read from
+many threads at once): a parse that stops before the end of the file, other than at the pixel data of a
+header read, is a `TruncatedFileError`.
+
 Every problem raises an `fetaliqa.errors.InputError` subclass whose one-line message names the URI.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +56,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    MediaStorageDirectoryStorage,
     RLELossless,
     UID,
 )
@@ -52,11 +64,14 @@ from pydicom.uid import (
 from fetaliqa import storage
 from fetaliqa.errors import (
     BadDtypeError,
+    BadUidError,
+    DicomDirectoryError,
     DicomHeaderError,
     EmptyFileError,
     InputError,
     NoPixelDataError,
     NotDicomError,
+    TooLargeError,
     TruncatedFileError,
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
@@ -64,7 +79,16 @@ from fetaliqa.errors import (
 from fetaliqa.storage import StorageOptions
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOMDIR_NAME = "DICOMDIR"  # the file-set index of PS3.10 8.6 (any case on disk)
 MAGIC_OFFSET, MAGIC = 128, b"DICM"  # the 128-byte preamble, then 'DICM' (PS3.10 7.1)
+# A UID (PS3.5 9.1): components of digits separated by single dots, no leading zero in a component of more than
+# one digit, at most 64 characters. pydicom's `UID.is_valid` uses `re.match` with '$', which lets a trailing
+# newline through: a case id, and a path, must not hold one.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+MAX_UID_LENGTH = 64
+# Where a header read stops: the Pixel Data tags, (7FE0,0010) and the float ones (7FE0,0008), (7FE0,0009),
+# little endian as every supported transfer syntax stores them.
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
 
 # A header read fetches blocks of this size: one ranged GET holds an ultrasound header (a few KB, the
 # Sequence of Ultrasound Regions included), where fsspec's default block (5 MB on S3) would fetch frames too.
@@ -96,7 +120,8 @@ class InstanceHeader:
     """What a listing needs of one instance, read without its pixel data.
 
     acquisition: AcquisitionDateTime, else AcquisitionDate + AcquisitionTime, else "" (DICOM DT text, which
-    sorts in time order). frames: NumberOfFrames (1 when absent).
+    sorts in time order). frames: NumberOfFrames (1 when absent). samples: SamplesPerPixel (1 when absent);
+    bits_allocated: BitsAllocated (8 when absent).
     """
 
     source: str
@@ -109,6 +134,22 @@ class InstanceHeader:
     frames: int
     rows: int
     columns: int
+    samples: int = 1
+    bits_allocated: int = 8
+
+    def decoded_bytes(self) -> int:
+        """Bytes of the instance's stored frames once decoded: frames x rows x columns x samples x bits / 8."""
+        return -(-self.frames * self.rows * self.columns * self.samples * self.bits_allocated // 8)
+
+    def check_size(self, max_bytes: int | None) -> None:
+        """`TooLargeError` naming the instance when `decoded_bytes` is over `max_bytes` (None: no limit)."""
+        n_bytes = self.decoded_bytes()
+        if max_bytes is not None and n_bytes > max_bytes:
+            sample = self.bits_allocated / 8
+            dims = (f"{self.frames} frames x {self.rows} x {self.columns}"
+                    + (f" x {self.samples} samples" if self.samples > 1 else "")
+                    + f" x {sample:g} byte{'s' * (sample > 1)}")
+            raise TooLargeError.over_limit(self.source, n_bytes, dims, max_bytes)
 
     def sort_key(self) -> tuple:
         """Sweep order within a study: SeriesNumber, InstanceNumber, acquisition time (absent last), then
@@ -150,6 +191,16 @@ def is_dicom_candidate(name: str) -> bool:
     return not dot or not stem or suffix.isdigit()
 
 
+def is_dicomdir_name(name: str) -> bool:
+    """Whether a file name is that of a DICOMDIR (any case): a listing skips it unread."""
+    return name.upper() == DICOMDIR_NAME
+
+
+def is_valid_uid(text: str) -> bool:
+    """Whether `text` is a UID by the UI rules of PS3.5 9.1 (see `_UID`)."""
+    return len(text) <= MAX_UID_LENGTH and _UID.fullmatch(text) is not None
+
+
 def has_dicom_magic(head: bytes) -> bool:
     """Whether `head` (a file's first 132 bytes or more) holds 'DICM' after the 128-byte preamble."""
     return head[MAGIC_OFFSET:MAGIC_OFFSET + len(MAGIC)] == MAGIC
@@ -160,7 +211,8 @@ def read_dicom_header(uri: str, storage_options: StorageOptions = None) -> Insta
 
     Remote objects are read through fsspec's buffered file, so a header costs one or two ranged GETs, not the
     object (a deflated file is the exception: its whole dataset is one deflate stream). Raises
-    `MissingObjectError`, `EmptyFileError`, `NotDicomError`, `DicomHeaderError`, each naming `uri`.
+    `MissingObjectError`, `EmptyFileError`, `NotDicomError`, `TruncatedFileError`, `DicomHeaderError`,
+    `DicomDirectoryError`, `BadUidError`, each naming `uri`.
     """
     fs, path = storage.filesystem(uri, storage_options)
     try:
@@ -182,32 +234,61 @@ def _parse(f, uri: str, stop_before_pixels: bool) -> Dataset:
     if not has_dicom_magic(head):
         raise NotDicomError(uri, f"not DICOM (no 'DICM' marker at byte {MAGIC_OFFSET})")
     f.seek(0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
-        except (EOFError, OSError) as err:
-            raise TruncatedFileError(uri, f"truncated DICOM file ({err})") from err
-        except Exception as err:  # noqa: BLE001 - pydicom raises many types for a corrupt header
-            raise DicomHeaderError(uri, f"corrupt DICOM header ({type(err).__name__}: {err})") from err
-    # pydicom warns, and drops the element, when the file ends inside an encapsulated Pixel Data.
-    if any("End of file reached" in str(w.message) for w in caught):
-        raise TruncatedFileError(uri, "truncated pixel data (the file ends before its last fragment)")
+    try:
+        ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
+    except (EOFError, OSError) as err:
+        raise TruncatedFileError(uri, f"truncated DICOM file ({err})") from err
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a corrupt header
+        raise DicomHeaderError(uri, f"corrupt DICOM header ({type(err).__name__}: {err})") from err
+    _check_parsed_whole(f, uri, stop_before_pixels)
     return ds
 
 
+def _check_parsed_whole(f, uri: str, stop_before_pixels: bool) -> None:
+    """`TruncatedFileError` unless pydicom's parse of `f` stopped at the end of the file, or (header reads) at the
+    pixel data. Where the file ends inside an element of undefined length (an encapsulated Pixel Data, a
+    sequence), pydicom warns, drops that element and leaves `f` at its value: 12 bytes after its tag."""
+    stopped = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    if stopped >= end:
+        return
+    f.seek(max(stopped - 12, 0))
+    around = f.read(16)  # the tag of the element dropped, then the 4 bytes where the parse stopped
+    if stop_before_pixels and around[-4:] in _PIXEL_TAGS:
+        return
+    if around[:4] in _PIXEL_TAGS:
+        raise TruncatedFileError(uri, "truncated pixel data (the file ends before its last fragment)")
+    raise TruncatedFileError(uri, f"truncated DICOM file (parsing stopped at byte {stopped:,} of {end:,})")
+
+
 def _header(ds: Dataset, uri: str) -> InstanceHeader:
+    sop_class = getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+    if sop_class == MediaStorageDirectoryStorage:
+        raise DicomDirectoryError(uri, "a DICOMDIR (Media Storage Directory Storage): a file-set index, not an image")
     missing = [k for k in ("StudyInstanceUID", "SOPInstanceUID", "Rows", "Columns") if not ds.get(k)]
     if missing:
         raise DicomHeaderError(uri, f"DICOM header lacks {', '.join(missing)}")
+    study_uid = ds.StudyInstanceUID
+    if not isinstance(study_uid, str) or not is_valid_uid(study_uid):
+        shown = repr(study_uid if isinstance(study_uid, str) else list(study_uid))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise BadUidError(uri, f"StudyInstanceUID {shown} is not a DICOM UID (digits in components separated by "
+                               f"single dots, no leading zeros, at most {MAX_UID_LENGTH} characters)")
     try:
-        return InstanceHeader(
-            source=uri, study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.get("SeriesInstanceUID", "")),
+        header = InstanceHeader(
+            source=uri, study_uid=str(study_uid), series_uid=str(ds.get("SeriesInstanceUID", "")),
             sop_uid=str(ds.SOPInstanceUID), series_number=_int_or_none(ds.get("SeriesNumber")),
             instance_number=_int_or_none(ds.get("InstanceNumber")), acquisition=_acquisition(ds),
-            frames=int(ds.get("NumberOfFrames") or 1), rows=int(ds.Rows), columns=int(ds.Columns))
+            frames=int(ds.get("NumberOfFrames") or 1), rows=int(ds.Rows), columns=int(ds.Columns),
+            samples=int(ds.get("SamplesPerPixel") or 1), bits_allocated=int(ds.get("BitsAllocated") or 8))
     except (TypeError, ValueError) as err:
         raise DicomHeaderError(uri, f"invalid DICOM header value ({err})") from err
+    counts = {"NumberOfFrames": header.frames, "Rows": header.rows, "Columns": header.columns,
+              "SamplesPerPixel": header.samples, "BitsAllocated": header.bits_allocated}
+    bad = [f"{name} {value}" for name, value in counts.items() if value < 1]
+    if bad:
+        raise DicomHeaderError(uri, f"invalid DICOM header value ({', '.join(bad)})")
+    return header
 
 
 def _int_or_none(value) -> int | None:
@@ -223,17 +304,20 @@ def _acquisition(ds: Dataset) -> str:
 # ---------------------------------------------------------------------------------------------- pixels
 
 
-def read_dicom_instance(uri: str, storage_options: StorageOptions = None) -> Instance:
+def read_dicom_instance(uri: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> Instance:
     """Read one instance: its header, and its frames as gray ``(T, h, w)`` uint8 cropped to the imaging region.
 
-    The object is fetched with one GET (`storage.local_copy`), parsed whole, then decoded frame by frame.
+    The object is fetched with one GET (`storage.local_copy`), parsed whole (its stored bytes: the file's size),
+    then decoded frame by frame, once its header's decoded size is checked against `max_bytes` (None: no limit).
     Raises (each naming `uri`): `MissingObjectError`, `EmptyFileError`, `NotDicomError`, `DicomHeaderError`,
-    `NoPixelDataError`, `UnsupportedTransferSyntaxError`, `UnsupportedPhotometricError`, `BadDtypeError`
-    (samples not 8-bit unsigned), `TruncatedFileError` (pixel data short, cut or corrupt).
+    `DicomDirectoryError`, `BadUidError`, `TooLargeError`, `NoPixelDataError`, `UnsupportedTransferSyntaxError`,
+    `UnsupportedPhotometricError`, `BadDtypeError` (samples not 8-bit unsigned), `TruncatedFileError` (pixel
+    data short, cut or corrupt).
     """
     with storage.local_copy(uri, storage_options) as local, open(local, "rb") as f:
         ds = _parse(f, uri, stop_before_pixels=False)
     header = _header(ds, uri)
+    header.check_size(max_bytes)
     if "PixelData" not in ds:
         raise NoPixelDataError(uri, f"no pixel data (SOP class {UID(str(ds.get('SOPClassUID', ''))).name or '?'})")
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")

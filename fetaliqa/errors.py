@@ -107,6 +107,33 @@ class UnsupportedPhotometricError(InputError):
     kind = "unsupported_photometric"
 
 
+class TooLargeError(InputError):
+    """A case (for a DICOM study: one instance) whose decoded size, computed from its header, is over the run's
+    limit (`--max-case-gib`): refused before a pixel is allocated, so that a corrupt or crafted header costs
+    an `errors/` row, not a read worker killed for memory."""
+
+    kind = "too_large"
+
+    @classmethod
+    def over_limit(cls, source: str, n_bytes: int, dims: str, limit_bytes: int) -> "TooLargeError":
+        """The error of `n_bytes` decoded (`dims`, e.g. "800000 frames x 562 x 744 x 1 byte") over `limit_bytes`."""
+        return cls(source, f"decoded size {_size_text(n_bytes)} ({dims}) over --max-case-gib {limit_bytes / 2**30:g}")
+
+
+class BadUidError(InputError):
+    """A DICOM UID (e.g. StudyInstanceUID) that breaks the UI rules of PS3.5 9.1: it would become a case id,
+    and so a path."""
+
+    kind = "bad_uid"
+
+
+class DicomDirectoryError(InputError):
+    """A DICOMDIR (Media Storage Directory Storage): the index of a file set, not an image. A listing skips it
+    with a note; reading one as an instance raises this."""
+
+    kind = "dicomdir"
+
+
 class StudyFailedError(InputError):
     """Every multi-frame instance of a DICOM study failed to read (each has its own row too)."""
 
@@ -119,3 +146,7 @@ class CheckpointError(FetaliqaError):
 
 class WeightsError(FetaliqaError):
     """Pretrained weights that are missing, unreadable, or whose keys do not match the model."""
+
+
+def _size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 / 10 else f"{n_bytes / 2**20:,.1f} MiB"

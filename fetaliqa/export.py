@@ -99,6 +99,14 @@ def run_prediction(rows: dict, shape: tuple[int, int]) -> tuple[int, np.ndarray]
 
 
 def case_url(root_url: str, case_id: str) -> str:
+    """The folder of a case's prediction files: `root_url`/`case_id`. A case id is a path component here, so one
+    that is not a single safe component (empty, '.', '..', holding '/', '\\' or a control character) is refused
+    with `InputError` naming it: no path is ever built outside `root_url`. Scoring's case ids (file names,
+    checked DICOM UIDs) always pass; this is a second line of defence."""
+    if case_id in ("", ".", "..") or any(c in "/\\" or not c.isprintable() for c in case_id):
+        shown = repr(case_id) if len(case_id) <= 80 else repr(case_id[:77]) + "..."
+        raise InputError(root_url, f"case id {shown} is not a single safe path component: no prediction is "
+                                   "written or read for it outside this folder")
     return storage.join(root_url, case_id)
 
 

@@ -53,8 +53,22 @@ def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's output first and start afresh")
     parser.add_argument("--progress-seconds", type=float, default=30.0, help="seconds between progress lines")
     add_shared_filesystem(parser)
+    parser.add_argument("--recursive", action="store_true",
+                        help="list stacked images (.mha, .nii.gz, ...) at any depth of an --input folder, not only "
+                             "directly in it (DICOM files are found at any depth either way)")
+    parser.add_argument("--max-case-gib", type=_positive_gib, default=READ_TASK_MEMORY / 2**30,
+                        help="largest decoded size of a case (of a DICOM study: of each instance), computed from its "
+                             "header before decoding; a larger one is an errors/ row 'too_large' "
+                             "(default: %(default)g, the memory a read task declares)")
     add_storage_options(parser)
     return parser
+
+
+def _positive_gib(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of GiB")
+    return value
 
 
 def score(args: argparse.Namespace) -> int:
@@ -65,8 +79,10 @@ def score(args: argparse.Namespace) -> int:
     check_paths_reach_every_node({"input": args.input, "checkpoint": args.checkpoint, "output": args.output},
                                  args.shared_filesystem)
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
-    listed = list_archive(args.input, so)  # before the output changes: a bad --input leaves it as it was
-    # e.g. single-frame DICOM instances skipped: in the log and run.json, their URLs redacted
+    max_case_bytes = int(args.max_case_gib * 2**30)
+    # Listed before the output changes: a bad --input leaves it as it was.
+    listed = list_archive(args.input, so, args.recursive, max_case_bytes)
+    # e.g. single-frame DICOM instances, DICOMDIRs skipped: in the log and run.json, their URLs redacted
     run["notes"] = [redact_text(note) for note in listing_notes(listed)]
     for note in run["notes"]:
         print(f"note: {note}", flush=True)
@@ -83,7 +99,8 @@ def score(args: argparse.Namespace) -> int:
     progress = record.Progress.remote()
     writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
     if todo.num_rows:
-        reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"])
+        reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"],
+                            max_case_bytes=max_case_bytes)
         context.max_errored_blocks = math.ceil(LOST_READ_TASKS_TOLERATED * reader.read_task_count())
         ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
                                       concurrency=reader.read_concurrency(),

@@ -283,6 +283,30 @@ def test_bad_image_raises_specific_error(tmp_path, kind):
     assert "/tmp/fetaliqa-" not in message  # never the temporary copy
 
 
+def test_a_header_declaring_a_terabyte_is_refused_before_any_allocation(tmp_path):
+    """A crafted MetaImage: DimSize 744 x 562 x 2,500,002 (~1 TB of uint8; a whole number of frames a sweep, so that
+    no other check comes first) over a 100-byte body. The size from the header is refused (`too_large`, naming
+    it) by both readers; decoding would ask SimpleITK for the terabyte."""
+    path = tmp_path / "crafted.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 744 562 2500002\nElementType = MET_UCHAR\n"
+                     b"ElementDataFile = LOCAL\n" + bytes(100))
+    for read in (archive.read_image_stack, lambda uri, max_bytes: archive.read_mask_stack(uri, max_bytes=max_bytes)):
+        with pytest.raises(errors.TooLargeError) as info:
+            read(str(path), max_bytes=3 << 29)
+        assert str(info.value) == (f"{path}: decoded size 973.5 GiB (2500002 frames x 562 x 744 x 1 byte) "
+                                   "over --max-case-gib 1.5")
+        assert info.value.kind == "too_large"
+
+
+def test_the_decoded_size_counts_every_byte_of_the_pixel_type(tmp_path):
+    values = np.random.default_rng(2).integers(0, 256, (T, H, W)).astype(np.float64)
+    uri = write_stack(tmp_path / "f.mha", values)
+    size = T * H * W * 8
+    np.testing.assert_array_equal(archive.read_image_stack(uri, max_bytes=size).frames, values.astype(np.uint8))
+    with pytest.raises(errors.TooLargeError, match=rf"\({T} frames x {H} x {W} x 8 bytes\) over --max-case-gib"):
+        archive.read_image_stack(uri, max_bytes=size - 1)
+
+
 def test_truncated_remote_copy_names_the_url(memory_root, tmp_path, frames):
     local = _cut(write_stack(tmp_path / "a.mha", frames), -1)
     uri = f"{memory_root}/a.mha"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -29,7 +32,7 @@ from pydicom.uid import (
 )
 
 from fetaliqa import errors, layout
-from fetaliqa.dicom import read_dicom_header, read_dicom_instance
+from fetaliqa.dicom import is_valid_uid, read_dicom_header, read_dicom_instance
 from fetaliqa.synth import synthetic_cases
 from fetaliqa.synth_dicom import BANNER_ROWS, SWEEP_ENCODINGS, region_box, study_uid_of, write_synthetic_dicom_archive
 from jobs.synth import main as synth_main
@@ -339,6 +342,7 @@ def test_not_dicom_and_empty(tmp_path):
         read_dicom_instance(str(empty))
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached")  # pydicom's own warning; the check does not use it
 def test_truncated_encapsulated_pixel_data(tmp_path):
     path = _save(_dataset(), tmp_path / "j.dcm", JPEGLSLossless, _canvas(_gray_frames()))
     data = open(path, "rb").read()
@@ -386,6 +390,112 @@ def test_missing_study_uid(tmp_path):
     with pytest.raises(errors.DicomHeaderError) as err:
         read_dicom_header(path)
     _assert_one_line(err, path, "StudyInstanceUID")
+
+
+@pytest.mark.parametrize("uid, valid", [
+    ("1.2.840.10008.1.2.4.80", True), ("0.1.0", True), ("2.25." + "9" * 59, True),  # 64 characters
+    ("2.25." + "9" * 60, False), ("1.02.3", False), ("1..2", False), (".1.2", False), ("1.2.", False), ("", False),
+    ("1.2.3\n", False), ("1.2.840/../../x", False), ("1.2.a", False), ("1.2 .3", False), ("-1.2", False)])
+def test_uid_rules_of_ps3_5(uid, valid):
+    assert is_valid_uid(uid) is valid
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI")  # pydicom warns of the bad UID it writes and reads back
+def test_a_bad_study_uid_is_refused_showing_it_safely(tmp_path):
+    for name, uid, shown in (("dots.dcm", "1.2..3", "'1.2..3'"),
+                             ("path.dcm", "1.2.840/../../" + "x" * 90, "'1.2.840/../../" + "x" * 62 + "...")):
+        path = _save(_dataset(StudyInstanceUID=uid), tmp_path / name, pixels=_canvas(_gray_frames()))
+        for read in (read_dicom_header, read_dicom_instance):
+            with pytest.raises(errors.BadUidError) as err:
+                read(path)
+            _assert_one_line(err, path, f"StudyInstanceUID {shown} is not a DICOM UID")
+            assert err.value.kind == "bad_uid" and (len(uid) < 80 or uid not in str(err.value))  # shown cut short
+
+
+def test_an_instance_declaring_a_terabyte_is_refused_before_decoding(tmp_path):
+    """A header declaring 2,500,000 frames of 562 x 744 (~1 TB) over a body of 3 small frames: refused from the
+    header (`too_large`, naming the size); without the check the read would size its frames from it."""
+    ds = _dataset()
+    path = _save(ds, tmp_path / "small.dcm", pixels=_canvas(_gray_frames()))
+    crafted = pydicom.dcmread(path)
+    crafted.NumberOfFrames, crafted.Rows, crafted.Columns = 2_500_000, 562, 744
+    crafted.save_as(tmp_path / "crafted.dcm", enforce_file_format=True)
+    uri = str(tmp_path / "crafted.dcm")
+    assert read_dicom_header(uri).decoded_bytes() == 2_500_000 * 562 * 744  # the header alone reads fine
+    with pytest.raises(errors.TooLargeError) as err:
+        read_dicom_instance(uri, max_bytes=3 << 29)
+    _assert_one_line(err, uri, "decoded size 973.5 GiB (2500000 frames x 562 x 744 x 1 byte) over --max-case-gib 1.5")
+    assert err.value.kind == "too_large"
+
+    # The size counts every sample: 3 RGB frames fit a limit of exactly their size, not one byte less.
+    rgb = _save(_dataset("RGB", samples=3), tmp_path / "rgb.dcm", pixels=_canvas(np.stack([_gray_frames()] * 3, -1)))
+    size = T * ROWS * COLS * 3
+    assert read_dicom_instance(rgb, max_bytes=size).frames.shape == (T, REGION_H, REGION_W)
+    with pytest.raises(errors.TooLargeError) as err:
+        read_dicom_instance(rgb, max_bytes=size - 1)
+    _assert_one_line(err, rgb, f"{T} frames x {ROWS} x {COLS} x 3 samples x 1 byte) over --max-case-gib")
+
+
+def test_a_dicomdir_is_known_by_its_sop_class_whatever_its_name(tmp_path):
+    from pydicom.fileset import FileSet
+
+    ds = _dataset(StudyDate="20260101", StudyTime="090000", StudyID="1", PatientID="P1")
+    file_set = FileSet()
+    file_set.add(pydicom.dcmread(_save(ds, tmp_path / "one.dcm", pixels=_canvas(_gray_frames()))))
+    file_set.write(tmp_path / "set")
+    index = tmp_path / "INDEX"
+    index.write_bytes((tmp_path / "set" / "DICOMDIR").read_bytes())
+    for read in (read_dicom_header, read_dicom_instance):
+        with pytest.raises(errors.DicomDirectoryError) as err:
+            read(str(index))
+        _assert_one_line(err, str(index), "DICOMDIR", "not an image")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's warnings about the cut files, from every thread
+def test_header_reads_from_many_threads_leave_the_warning_filters_alone(tmp_path):
+    """As the listing reads headers, from 32 threads, over good files and files whose parse makes pydicom warn
+    (cut inside the Sequence of Ultrasound Regions; cut inside encapsulated pixel data): `warnings.filters` is
+    never replaced or changed while they run (a `catch_warnings` per read would replace it, in every thread),
+    and each result is that of a read alone."""
+    expected = {}
+    for i in range(8):
+        ds = _dataset(InstanceNumber=i + 1)
+        path = _save(ds, tmp_path / f"good{i}.dcm", JPEGLSLossless, _canvas(_gray_frames(i)))
+        expected[path] = ("ok", ds.StudyInstanceUID)
+    data = open(path, "rb").read()
+    regions = data.index(b"\x18\x00\x11\x60")  # (0018,6011): the Sequence of Ultrasound Regions
+    for name, keep, outcome in (("cut-in-regions.dcm", regions + 40, ("dicom_header", None)),
+                                ("cut-in-pixels.dcm", len(data) - 40, ("ok", ds.StudyInstanceUID))):
+        (tmp_path / name).write_bytes(data[:keep])
+        expected[str(tmp_path / name)] = outcome
+
+    def read(uri: str) -> tuple[str, str | None]:
+        try:
+            return "ok", read_dicom_header(uri).study_uid
+        except errors.InputError as err:
+            return err.kind, None
+
+    filters, snapshot = warnings.filters, list(warnings.filters)
+    seen, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if warnings.filters is not filters or warnings.filters != snapshot:
+                seen.append(list(warnings.filters))
+                return
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            uris = list(expected) * 40
+            results = list(pool.map(read, uris))
+    finally:
+        done.set()
+        watcher.join()
+    assert not seen, "warnings.filters changed while headers were read"
+    assert warnings.filters is filters and warnings.filters == snapshot
+    assert results == [expected[uri] for uri in uris]
 
 
 # ---------------------------------------------------------------------------------------------- synthetic

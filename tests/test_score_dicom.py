@@ -74,11 +74,12 @@ def test_listing_groups_studies_and_lists_bad_files_as_failed(mixed):
     table = list_archive(str(mixed["folder"]))
     rows = {r["case_id"]: r for r in table.to_pylist()}
     a, b, c = mixed["a"], mixed["b"], mixed["c"]
-    assert set(rows) == {a, b, c, *mixed["ids"], "notes.dcm", "2.25.42"}
+    notes_dcm = str(mixed["folder"] / "notes.dcm")  # a bad file's row is keyed by its URI, never its name
+    assert set(rows) == {a, b, c, *mixed["ids"], notes_dcm, "2.25.42"}
     numbers = {path.stem: number for number, path in mixed["studies"][a]}
     assert [numbers[Path(u).name.removesuffix(".dcm")] for u in rows[a]["instances"]] == [1, 2, 3, 4, 5, 6]
     assert rows[mixed["ids"][0]]["instances"] is None and rows[b]["error"] == ""
-    assert rows["notes.dcm"]["error"] == "not_dicom"
+    assert rows[notes_dcm]["error"] == "not_dicom" and rows[notes_dcm]["source"] == notes_dcm
     assert rows["2.25.42"]["instances"] == [str(mixed["folder"] / "video.dcm")]
     notes = listing_notes(table)
     assert len(notes) == 1 and "single.dcm" in notes[0] and a in notes[0]
@@ -106,8 +107,9 @@ def test_one_run_scores_the_mixed_folder(ray_local, mixed, cls_checkpoint, tmp_p
     assert {k: (by_case[k]["sweeps"], by_case[k]["frames"]) for k in by_case} == {
         a: (6, 6 * K), b: (6, 6 * K), c: (5, 5 * K), mixed["ids"][0]: (6, 6 * K), mixed["ids"][1]: (6, 6 * K)}
     kinds = sorted(zip(errors["case_id"].to_pylist(), errors["error"].to_pylist()))
-    assert kinds == sorted([("notes.dcm", "not_dicom"), (mixed["truncated"].name, "truncated"),
-                            ("2.25.42", "study_failed"), ("video.dcm", "unsupported_transfer_syntax")])
+    folder = mixed["folder"]
+    assert kinds == sorted([(str(folder / "notes.dcm"), "not_dicom"), (str(mixed["truncated"]), "truncated"),
+                            ("2.25.42", "study_failed"), (str(folder / "video.dcm"), "unsupported_transfer_syntax")])
     assert all(m.startswith(s + ": ") for s, m in zip(errors["source"].to_pylist(), errors["message"].to_pylist()))
 
     # Every DICOM frame names its instance and its place in it; sweeps follow InstanceNumber.
@@ -140,7 +142,8 @@ def test_an_s3_prefix_of_dicom_is_listed_from_headers_alone(mixed, s3_server, s3
 
     table = list_archive(f"{bucket}/dicom", {"client_kwargs": options})
 
-    assert set(table["case_id"].to_pylist()) == {mixed["a"], mixed["b"], mixed["c"], "notes.dcm", "2.25.42"}
+    assert set(table["case_id"].to_pylist()) == {mixed["a"], mixed["b"], mixed["c"], f"{bucket}/dicom/notes.dcm",
+                                                 "2.25.42"}
     reads = [r for r in s3_server.requests[before:] if "list-type" not in r.query]
     per_file: dict[str, list[str]] = {}
     for r in reads:

@@ -3,19 +3,31 @@
 `list_archive(input_url)` streams the case list of any input into a two-column Arrow table (`case_id`,
 `source`) sorted by case id: the driver holds that table (a few dozen bytes a case: ~100 MB for a
 million cases) and nothing else per case. Inputs:
-- the root of an ACOUSLIC layout (it holds `images/stacked_fetal_ultrasound/`): its images;
-- a folder or object-store prefix of stacked images (`layout.IMAGE_SUFFIXES`; hidden files and other
-  names are skipped; not recursive): S3 prefixes are listed page by page, 1,000 keys a request;
+- the root of an ACOUSLIC layout (it holds `images/stacked_fetal_ultrasound/`): the files there, by the
+  folder rule below;
+- a folder or object-store prefix, by the folder rule: DICOM files at any depth (a PACS export nests
+  patient / study / series folders and repeats file names such as IM000001 in each), stacked images
+  (`layout.IMAGE_SUFFIXES`) directly in it only, or at any depth too with `recursive` (`--recursive`); hidden
+  files and folders (names starting with '.') and other names are skipped; symbolic links to files count,
+  links to folders are not followed. An S3 prefix is one listing without delimiter, page by page (1,000 keys
+  a request, cheaper than a request per folder); other filesystems are walked folder by folder;
 - a manifest, one image URI a row (relative URIs are taken relative to the manifest's folder):
   `.txt` (one a line; blank lines and `#` comments skipped), `.csv` (a header; the `uri` column, else
   the first), `.parquet` (the `uri` column, else the first);
 - one image file, or one DICOM file.
 DICOM files (`fetaliqa.dicom.is_dicom_candidate` names in a folder, any non-image entry of a manifest) are
 grouped into studies from their headers (`fetaliqa.score.dicom_listing`): a study is one case whose
-`instances` are its sweeps in order; a file that is not DICOM or has a bad header is listed as already failed
-(`error`, `message` set), so that it gets its `errors/` row without being read again.
+`instances` are its sweeps in order; DICOMDIR files are skipped with a note; a file that is not DICOM, has a
+bad header or StudyInstanceUID, or is too large is listed as already failed (`error`, `message` set, `case_id`
+its URI, never its name, which repeats across folders), so that it gets its `errors/` row without being read.
 A URI in a manifest that is missing or unreadable is not checked here (that would cost a request per
 case): reading it gives the case an `errors/` row.
+
+Sizes are checked before allocating, against `max_case_bytes` (`--max-case-gib`; default `READ_TASK_MEMORY`,
+what a read task declares): a stacked case whose decoded size (from its header) is over it is a `too_large`
+row. A DICOM study is decoded one instance at a time, each instance's frames released once resized, so the
+limit applies to each instance: one over it (found at listing from its header, checked again at reading) is
+its own `too_large` row, and its study goes on with its other sweeps.
 
 `CaseReader` is the Read: each read task decodes its cases one by one and yields one block per case,
 `read_case_row`'s row. This module imports no torch: a read worker starts in well under a second.
@@ -80,15 +92,18 @@ READ_TASK_RETRIES = 3
 KILL_READ_ENV = "FETALIQA_FAULT_KILL_READ_OF"
 
 
-def list_archive(input_url: str, storage_options: StorageOptions = None) -> pa.Table:
+def list_archive(input_url: str, storage_options: StorageOptions = None, recursive: bool = False,
+                 max_case_bytes: int | None = READ_TASK_MEMORY) -> pa.Table:
     """The cases of `input_url` as a `LISTING_SCHEMA` table sorted by case id; see the module docstring.
 
-    The listing's notes (single-frame DICOM instances skipped), one line each, are a JSON list under
-    `NOTES_KEY` in the table's schema metadata (`listing_notes`). Raises `MissingObjectError` when nothing is
-    found, `InputError` for duplicate case ids or an unreadable manifest.
+    `recursive`: stacked images at any depth of a folder, not only directly in it. `max_case_bytes`: DICOM
+    instances declaring more are listed as `too_large` (None: no limit). The listing's notes (DICOMDIRs and
+    single-frame DICOM instances skipped), one line each, are a JSON list under `NOTES_KEY` in the table's schema
+    metadata (`listing_notes`). Raises `MissingObjectError` when nothing is found, `InputError` for duplicate
+    case ids or an unreadable manifest.
     """
     batches, sources, dicom_candidates = [], [], []
-    for source in _iter_sources(input_url, storage_options):
+    for source in _iter_sources(input_url, storage_options, recursive):
         if not layout.image_suffix(source):
             dicom_candidates.append(source)
             continue
@@ -100,7 +115,7 @@ def list_archive(input_url: str, storage_options: StorageOptions = None) -> pa.T
         batches.append(_listing_batch(sources))
     notes: list[str] = []
     if dicom_candidates:
-        rows, notes = list_dicom_studies(dicom_candidates, storage_options)
+        rows, notes = list_dicom_studies(dicom_candidates, storage_options, max_case_bytes)
         batches.append(pa.RecordBatch.from_pylist(
             [{"case_id": r.case_id, "source": r.source, "instances": None if r.instances is None else list(r.instances),
               "error": r.error, "message": r.message} for r in rows], schema=LISTING_SCHEMA))
@@ -135,7 +150,7 @@ def _check_unique(input_url: str, table: pa.Table) -> None:
         raise InputError(input_url, f"duplicate case id {ids[at].as_py()!r}: {first} and {second}")
 
 
-def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[str]:
+def _iter_sources(input_url: str, storage_options: StorageOptions, recursive: bool) -> Iterator[str]:
     fs, path = storage.filesystem(input_url, storage_options)
     lower = input_url.lower()
     try:
@@ -148,11 +163,11 @@ def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[s
         else:
             images = storage.join(input_url, layout.IMAGES_DIR)
             found = False
-            for source in _iter_folder(fs, storage.join(path, layout.IMAGES_DIR), images):
+            for source in _iter_folder(fs, storage.join(path, layout.IMAGES_DIR), images, recursive):
                 found = True
                 yield source
             if not found:
-                for source in _iter_folder(fs, path, input_url):
+                for source in _iter_folder(fs, path, input_url, recursive):
                     found = True
                     yield source
             # Not a folder: one DICOM file (checked last, so that listing a folder costs no extra request).
@@ -166,36 +181,49 @@ def _iter_sources(input_url: str, storage_options: StorageOptions) -> Iterator[s
         raise storage.describe_io_error(input_url, err) from err
 
 
-def _iter_folder(fs, path: str, url: str) -> Iterator[str]:
-    """Image and DICOM-candidate URIs directly inside folder `path` (`url` as the user wrote it), in listing order."""
-    for name in _iter_names(fs, path):
-        if (layout.image_suffix(name) or is_dicom_candidate(name)) and not name.startswith("."):
-            yield storage.join(url, name)
+def _iter_folder(fs, path: str, url: str, recursive: bool) -> Iterator[str]:
+    """Image and DICOM-candidate URIs under folder `path` (`url` as the user wrote it) by the folder rule of the
+    module docstring, in listing order."""
+    for relative in _iter_files(fs, path):
+        parts = relative.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue
+        if layout.image_suffix(parts[-1]):
+            if recursive or len(parts) == 1:
+                yield storage.join(url, relative)
+        elif is_dicom_candidate(parts[-1]):
+            yield storage.join(url, relative)
 
 
-def _iter_names(fs, path: str) -> Iterator[str]:
-    """Names of the files directly in `path`; S3 page by page, other filesystems by one `ls`."""
+def _iter_files(fs, path: str) -> Iterator[str]:
+    """Paths relative to folder `path` of the files at any depth under it (none when it is no folder), streaming:
+    S3 in one listing without delimiter, page by page; other filesystems by `walk`, folder by folder, hidden
+    folders left unvisited."""
     if type(fs).__name__ == "S3FileSystem":
         from fsspec.asyn import sync
 
         bucket, key, _ = fs.split_path(path)
-        entries = fs._iterdir(bucket, prefix=f"{key.rstrip('/')}/" if key else "", delimiter="/")
+        prefix = f"{bucket}/{key.rstrip('/')}/" if key else f"{bucket}/"
+        entries = fs._iterdir(bucket, prefix=prefix[len(bucket) + 1:], delimiter="")
         while True:
             try:
                 entry = sync(fs.loop, entries.__anext__)
             except StopAsyncIteration:
                 return
-            if entry["type"] == "file":
-                yield posixpath.basename(entry["name"])
+            relative = entry["name"][len(prefix):]
+            if entry["type"] == "file" and relative and not relative.endswith("/"):  # not a folder marker
+                yield relative
         return
-    try:
-        entries = fs.ls(path, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in entries:
-        # Files only: a sub-folder's name without suffix is not a DICOM file; and `ls` of a file lists the file.
-        if storage.is_file_entry(fs, entry) and entry["name"].rstrip("/") != path.rstrip("/"):
-            yield posixpath.basename(entry["name"].rstrip("/"))
+    root = None
+    for folder, folders, files in fs.walk(path, detail=True):
+        root = folder if root is None else root
+        for hidden in [name for name in folders if name.startswith(".")]:
+            del folders[hidden]  # `walk` visits the folders left in it
+        within = folder[len(root):].strip("/")
+        for name, entry in files.items():
+            # `walk` of a file lists the file itself, named ""; a symbolic link is a file when it leads to one.
+            if name and storage.is_file_entry(fs, entry):
+                yield f"{within}/{name}" if within else name
 
 
 def _iter_manifest(fs, path: str, url: str) -> Iterator[str]:
@@ -227,13 +255,15 @@ def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
 
 def read_case_row(case_id: str, source: str, storage_options: StorageOptions = None,
                   image_size: int = IMAGE_SIZE, instances: list[str] | None = None, error: str = "",
-                  message: str = "", resize: str = "bicubic") -> dict:
+                  message: str = "", resize: str = "bicubic", max_case_bytes: int | None = READ_TASK_MEMORY) -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
 
     A stacked image is read from `source`; a DICOM study from `instances`, its sweeps in order (each
     instance's frames cropped to its imaging region, resized on their own: instances may differ in size).
     A case the listing already found bad (`error` set) is returned as it is, unread. Frames are resized by
-    `resize` (a key of `fetaliqa.preprocess.RESIZES`: the checkpoint's).
+    `resize` (a key of `fetaliqa.preprocess.RESIZES`: the checkpoint's). A stacked image, or an instance of a
+    study, whose header declares more than `max_case_bytes` decoded (None: no limit) is refused undecoded
+    (`too_large`; see the module docstring).
 
     Returns {"case_id", "source", "images" (T, S, S) uint8 (S = `image_size`, the checkpoint's),
     "sweeps" (JSON text: a list, one object per sweep in order, {"frames", "height", "width" (native size of
@@ -250,13 +280,13 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
         return out
     try:
         if instances is None:
-            stack = read_image_stack(source, storage_options)
+            stack = read_image_stack(source, storage_options, max_case_bytes)
             n, height, width = stack.frames.shape
             sweep = {"frames": n // SWEEPS_PER_CASE, "height": height, "width": width,
                      "spacing": list(stack.spacing_mm), "sop_instance_uid": None}
             return out | {"images": resize_by(resize)(stack.frames, image_size),
                           "sweeps": json.dumps([sweep] * SWEEPS_PER_CASE)}
-        return out | _read_study(case_id, source, instances, storage_options, image_size, resize)
+        return out | _read_study(case_id, source, instances, storage_options, image_size, resize, max_case_bytes)
     except InputError as err:
         return out | {"error": err.kind, "message": str(err)}
     except Exception as err:  # noqa: BLE001 - one unreadable case must not stop an archive
@@ -264,12 +294,12 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
 
 
 def _read_study(case_id: str, source: str, instances: list[str], storage_options: StorageOptions,
-                image_size: int, resize: str) -> dict:
+                image_size: int, resize: str, max_instance_bytes: int | None) -> dict:
     """`read_case_row`'s fields of a DICOM study, from its instance URIs in sweep order."""
     images, sweeps, notes, failed = [], [], [], []
     for uri in instances:
         try:
-            instance = read_dicom_instance(uri, storage_options)
+            instance = read_dicom_instance(uri, storage_options, max_instance_bytes)
         except InputError as err:
             failed.append([uri, err.kind, str(err)])
             continue
@@ -299,15 +329,17 @@ def _unreadable(source: str, err: Exception) -> str:
 class CaseReader(Datasource):
     """A Read over listed cases: each read task decodes up to `MAX_CASES_PER_READ_TASK` of them and yields
     one block per case (`read_case_row`'s columns, `images` as a (1, T, S, S) tensor), its frames resized to
-    `image_size` by `resize` as the checkpoint's model was trained (`PreprocessSpec`)."""
+    `image_size` by `resize` as the checkpoint's model was trained (`PreprocessSpec`), cases over
+    `max_case_bytes` refused undecoded (`read_case_row`)."""
 
     def __init__(self, cases: pa.Table, storage_options: StorageOptions = None, image_size: int = IMAGE_SIZE,
-                 resize: str = "bicubic"):
+                 resize: str = "bicubic", max_case_bytes: int | None = READ_TASK_MEMORY):
         resize_by(resize)  # an unknown name fails here, on the driver, not in every read task
         self.cases = cases
         self.storage_options = storage_options
         self.image_size = image_size
         self.resize = resize
+        self.max_case_bytes = max_case_bytes
 
     def get_name(self) -> str:
         return "Cases"  # Ray names the operator "ReadCases"
@@ -349,12 +381,12 @@ class CaseReader(Datasource):
         # Python lists: compact, not the whole slice's buffers
         ids, sources = cases["case_id"].to_pylist(), cases["source"].to_pylist()
         instances, errors, messages = (cases[c].to_pylist() for c in ("instances", "error", "message"))
-        options, size, resize = self.storage_options, self.image_size, self.resize
+        options, size, resize, max_bytes = self.storage_options, self.image_size, self.resize, self.max_case_bytes
 
         def read() -> Iterator:
             for case_id, source, uris, error, message in zip(ids, sources, instances, errors, messages):
                 _maybe_die_reading(case_id)
-                row = read_case_row(case_id, source, options, size, uris, error, message, resize)
+                row = read_case_row(case_id, source, options, size, uris, error, message, resize, max_bytes)
                 yield BlockAccessor.batch_to_block({key: np.asarray([value]) if key != "images" else value[None]
                                                     for key, value in row.items()})
 

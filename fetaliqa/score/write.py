@@ -13,7 +13,6 @@ reach the output. This module imports no torch.
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Iterable
 
 import cv2
@@ -167,7 +166,7 @@ class PartWriter(Datasink):
         return pa.table({**columns, "run_id": pa.repeat(self.run_id, scored.num_rows)}, schema=CASES_SCHEMA)
 
     def _errors(self, failed: pa.Table, rows: pa.Table) -> pa.Table:
-        """The failed cases' rows and one row per failed instance of any study in `rows` (keyed by its file name),
+        """The failed cases' rows and one row per failed instance of any study in `rows` (keyed by its URI),
         sorted by case id."""
         columns = {name: failed[name].to_pylist() for name in ERRORS_SCHEMA.names if name != "run_id"}
         for text in rows["instance_errors"].to_pylist():
@@ -180,8 +179,9 @@ class PartWriter(Datasink):
 
 
 def _error_case_id(source: str) -> str:
-    """The `errors/` case id of a bad instance of a DICOM study: its file name."""
-    return posixpath.basename(source.rstrip("/"))
+    """The `errors/` case id of a bad instance of a DICOM study: its URI. Not its file name: names repeat in every
+    folder of a PACS export (IM000001, ...), and a retry drops the rows of the ids it retries (`ledger.resume`)."""
+    return source
 
 
 def _png(mask: np.ndarray) -> bytes:
