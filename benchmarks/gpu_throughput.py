@@ -189,7 +189,7 @@ def measure_task(task: str, args: argparse.Namespace, device: torch.device, work
         out["decoder"] = {fast_: decoder_ms(reference, args.decoder_batch, device, args.repeats, fast=fast_)
                           for fast_ in (False, True)}
     del fast
-    predictor = ScoreFrames(checkpoint)
+    predictor = ScoreFrames(checkpoint, device=device)  # outside Ray a model runs on the CPU unless told
     out["dtype"] = str(predictor.model.dtype).removeprefix("torch.")
     batches = sorted({OLD_DEFAULT_BATCH, default_batch_size(device)})
     out |= predictor_rates(predictor, case, batches, args.repeats, device)

@@ -34,6 +34,9 @@ MAX_CASES_PER_FILE = 50
 # for any failure it did not expect: so many deaths mean a fault a rerun would meet again (a node too small for
 # its cases, a broken decoder or model), which the morning should see as a failed run, not as a list of errors.
 LOST_READ_TASKS_TOLERATED = 0.05
+# At most this many cases in one call of a GPU predictor: 8 ACOUSLIC cases are 6,720 frames (26 micro-batches
+# of 256, 340 MB of uint8 frames pinned on the host and again on the GPU), two calls at once per actor.
+GPU_CASES_PER_CALL = 8
 
 
 def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
@@ -105,9 +108,10 @@ def score(args: argparse.Namespace) -> int:
         ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
                                       concurrency=reader.read_concurrency(),
                                       ray_remote_args={"max_retries": READ_TASK_RETRIES})
+        cases_per_call = predictor_cases_per_call(args.num_gpus_per_actor, todo.num_rows, reader.read_task_count())
         ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
                                                                 "batch_size": args.batch_size, "storage_options": so},
-                            batch_size=None, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
+                            batch_size=cases_per_call, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
                             num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
         ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
                             batch_size=1, batch_format="numpy", num_cpus=WRITE_TASK_CPUS)
@@ -133,11 +137,23 @@ def score(args: argparse.Namespace) -> int:
 def predictor_pool(actors: int, gpus_per_actor: float) -> ray.data.ActorPoolStrategy:
     """`actors` predictor actors. A GPU actor runs two calls at once, each on its own CUDA stream
     (`FrameModel`): one case's copies and Ray's host work overlap the other's compute, so the GPU is fed.
-    A CPU actor runs one: two would share its cores."""
+    It scores on the GPU Ray assigned it, or on the CPU where torch sees no CUDA
+    (`fetaliqa.inference.scoring_device`); a CPU actor always on the CPU, even on a GPU node.
+    A CPU actor runs one call at a time: two would share its cores."""
     if gpus_per_actor > 0:
         return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True)
     return ray.data.ActorPoolStrategy(size=actors)
+
+
+def predictor_cases_per_call(gpus_per_actor: float, cases: int, read_tasks: int) -> int | None:
+    """Cases a predictor call scores (Ray Data's `batch_size` in rows). CPU actors: None, a block per call (a
+    read task's cases, in blocks of up to 128 MB). Ray Data refuses None where GPUs are requested, so GPU
+    actors get a read task's cases (the same calls as on CPU when each task's cases fit one block), at most
+    `GPU_CASES_PER_CALL`."""
+    if gpus_per_actor <= 0:
+        return None
+    return max(1, min(math.ceil(cases / max(read_tasks, 1)), GPU_CASES_PER_CALL))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.score") -> int:

@@ -46,7 +46,8 @@ def test_bf16_cls_scores_stay_within_tolerance_of_float32(cls_checkpoint, frames
     reference = FrameModel(cls_checkpoint)
     bf16 = FrameModel(cls_checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in reference.model.parameters()} == {torch.float32}
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}  # cast once, every weight
+    assert {p.dtype for p in bf16.model.encoder.parameters()} == {torch.bfloat16}  # cast once, every weight
+    assert {p.dtype for p in bf16.model.head.parameters()} == {torch.float32}  # but the CLS head's
     expected, _ = reference(picked)
     scores, _ = bf16(picked)
     assert scores.dtype == np.float32 and scores.shape == (2,)

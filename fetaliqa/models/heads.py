@@ -1,6 +1,6 @@
 """Heads on the image tower: a linear classifier (CLS) and a UNETR-style mask decoder (SEG).
 
-Shapes: images (N, 3, S, S) float32 (bf16 when scoring on CUDA, in channels_last: `FrameModel`); patch
+Shapes: images (N, 3, S, S) float32 (bf16 or float16 when scoring on CUDA, channels_last: `FrameModel`); patch
 tokens (N, D, g, g) with g = S / patch (16 for 224 / 14).
 """
 

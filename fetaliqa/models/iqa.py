@@ -98,7 +98,7 @@ class IQAModel(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, S, S) float -> CLS: logits (N,); SEG: mask logits (N, 1, S, S)."""
+        """images (N, 3, S, S) float -> CLS: logits (N,) in the head's dtype; SEG: mask logits (N, 1, S, S)."""
         # A linear probe (no LoRA) needs no graph through the frozen encoder.
         adapted = self.spec.trainable == "full" or (self.spec.lora is not None and not self.merged)
         with torch.set_grad_enabled(torch.is_grad_enabled() and adapted):
@@ -106,8 +106,8 @@ class IQAModel(nn.Module):
                 features = self.encoder(images)  # (N, embed_dim): pooled CLS token, projected
             else:
                 features = self._block_tokens(images)
-        if self.task == "cls":
-            return self.head(features).squeeze(1)
+        if self.task == "cls":  # in the head's dtype: FrameModel keeps a float32 head on a reduced-precision encoder
+            return self.head(features.to(self.head.weight.dtype)).squeeze(1)
         return self.head(images, features)
 
     def _block_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:

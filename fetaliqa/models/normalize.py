@@ -23,7 +23,8 @@ def normalize_frames(
 
     Args:
         images: ``(N, S, S)`` uint8 tensor (a numpy array is accepted too), any device.
-        mean, std: per-channel values (3 each).
+        mean, std: per-channel values (3 each): sequences, or (3,) tensors (a caller that normalises often
+            keeps them on the device, `FrameModel`).
     Returns:
         ``(N, 3, S, S)`` float32 on the same device: ``(x / 255 - mean[c]) / std[c]``, computed in the
         same order as torchvision's ToTensor + Normalize.
@@ -32,8 +33,9 @@ def normalize_frames(
         images = torch.from_numpy(np.require(images, requirements="W"))
     if images.ndim != 3 or images.dtype != torch.uint8:
         raise ValueError(f"expected (N, S, S) uint8 images, got {tuple(images.shape)} {images.dtype}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    # Tensors already in float32 on the device are used as they are: no host-to-device copy per call.
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     x = images.unsqueeze(1).to(torch.float32).div_(255)
     return (x - mean_t).div_(std_t)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import threading
 
 import numpy as np
 
@@ -13,6 +16,12 @@ from fetaliqa.storage import StorageOptions
 # kills its own process in the middle of a batch (received, not yet returned), once, so a test can see Ray
 # replace the actor.
 KILL_ONCE_ENV = "FETALIQA_FAULT_KILL_PREDICTOR_ONCE"
+# Test hook: when set to a folder, the first two calls of each predictor wait for each other (at most
+# `MEETING_SECONDS`) and every call writes a JSON record there (process, thread, whether it met the other
+# call, Ray's GPU ids, the model's device and dtype), so a test can see one actor run two calls at once on
+# two threads, and where it scored.
+CALL_LOG_ENV = "FETALIQA_TEST_PREDICTOR_CALL_LOG"
+MEETING_SECONDS = 120
 
 
 class ScoreFrames:
@@ -23,16 +32,22 @@ class ScoreFrames:
     each frame's (S, S) mask (p > 0.5) bit-packed as by `np.packbits` (on the model's device), 8x smaller
     on its way to `summarise_cases`. The frames of all cases of a batch are scored end to end in
     micro-batches of `batch_size` (None: 256 on a GPU, 32 on CPU, resolved on the actor, whose device the
-    driver may not have); see `FrameModel` for the one copy to the device and back per batch.
-    A plain callable: it scores a dict of numpy arrays without Ray.
+    driver may not have); see `FrameModel` for the one copy to the device and back per batch. `device`: None
+    scores on the GPU Ray assigned this actor, if any, else on the CPU (`fetaliqa.inference.scoring_device`).
+    A plain callable: it scores a dict of numpy arrays without Ray; two threads may call it at once.
     """
 
-    def __init__(self, checkpoint: str, batch_size: int | None = None, storage_options: StorageOptions = None):
-        self.model = FrameModel(checkpoint, storage_options, batch_size=batch_size)
+    def __init__(self, checkpoint: str, batch_size: int | None = None, storage_options: StorageOptions = None,
+                 device: str | None = None):
+        self.model = FrameModel(checkpoint, storage_options, device=device, batch_size=batch_size)
         self.task = self.model.task
+        log_folder = os.environ.get(CALL_LOG_ENV)
+        self._call_log = _CallLog(log_folder) if log_folder else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _maybe_die_once()
+        if self._call_log:
+            self._call_log.enter(self.model)
         images = [np.asarray(case) for case in batch["images"]]
         lengths = [len(case) for case in images]
         scores, masks = self.model(images or [np.zeros((0, 1, 1), np.uint8)], packed_masks=True)
@@ -49,6 +64,35 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     out = np.empty(len(arrays), dtype=object)
     out[:] = arrays
     return out
+
+
+class _CallLog:
+    """The `CALL_LOG_ENV` hook of one predictor: see there."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.calls = 0
+        self.lock = threading.Lock()
+        self.meeting = threading.Barrier(2, timeout=MEETING_SECONDS)
+
+    def enter(self, model: FrameModel) -> None:
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+        met = False
+        if call <= 2:
+            try:
+                self.meeting.wait()
+                met = True
+            except threading.BrokenBarrierError:  # the other call never came
+                pass
+        ray = sys.modules.get("ray")  # never imported here: the predictor also runs without Ray
+        gpu_ids = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else []
+        entry = {"pid": os.getpid(), "thread": threading.get_ident(), "call": call, "met": met,
+                 "gpu_ids": [str(i) for i in gpu_ids], "device": str(model.device),
+                 "dtype": str(model.dtype).removeprefix("torch.")}
+        with open(os.path.join(self.folder, f"{entry['pid']}-{call}.json"), "w") as out:
+            json.dump(entry, out)
 
 
 def _maybe_die_once() -> None:

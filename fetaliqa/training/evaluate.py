@@ -46,7 +46,9 @@ class FrameScorer:
 
 def score_frames(frames: Dataset, checkpoint: Checkpoint, actors: int = 1, use_gpu: bool = False,
                  storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
-    """Score every frame of `frames` with `checkpoint`: the columns of `FrameScorer`'s output, as arrays."""
+    """Score every frame of `frames` with `checkpoint`: the columns of `FrameScorer`'s output, as arrays.
+    `use_gpu`: each actor reserves a GPU and scores on it; else on the CPU, even on a GPU node
+    (`fetaliqa.inference.scoring_device`)."""
     scored = frames.map_batches(FrameScorer, fn_constructor_kwargs={"checkpoint": checkpoint,
                                                                    "storage_options": storage_options},
                                 batch_size=SCORE_BATCH, compute=ActorPoolStrategy(min_size=1, max_size=actors),
