@@ -136,8 +136,9 @@ def test_the_heartbeat_refreshes_the_lease_and_it_is_released_even_on_an_excepti
 
 
 def test_a_second_score_run_or_overwrite_against_a_live_lease_is_refused_and_deletes_nothing(
-        small_archive, cls_checkpoint, tmp_path, capsys):
-    """Held from this test (no second Ray run needed): what a detached `ray job submit` still running holds."""
+        ray_local, small_archive, cls_checkpoint, tmp_path, capsys):
+    """Held from this test (no second Ray run needed): what a detached `ray job submit` still running holds.
+    `ray_local`: the job joins a local Ray (to check its paths) before it reaches the lease."""
     from test_ledger import part_tables
 
     out = str(tmp_path / "out")
