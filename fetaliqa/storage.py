@@ -153,7 +153,8 @@ def put_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: boo
 
     On an object store one PUT, which publishes the object only when complete; no `makedirs` first (it
     would cost a request, and s3fs may try to create the bucket). On a local filesystem (`local`) a hidden
-    temporary file renamed into place.
+    temporary file, fsynced, renamed into place, then its folder fsynced: once this returns, `path` holds
+    `data` across a power loss, so a commit record written after its files never names an empty file.
     """
     if not local:
         fs.pipe_file(path, data)
@@ -163,7 +164,14 @@ def put_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: boo
     temporary = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
     with open(temporary, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(temporary, path)
+    folder = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def is_file_entry(fs: fsspec.AbstractFileSystem, entry: dict) -> bool:

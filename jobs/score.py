@@ -19,7 +19,7 @@ import ray
 
 from fetaliqa.models import load_checkpoint
 from fetaliqa.redact import redact_text
-from fetaliqa.score import ledger, record
+from fetaliqa.score import lease, ledger, record
 from fetaliqa.score.predict import ScoreFrames
 from fetaliqa.score.read import READ_TASK_MEMORY, READ_TASK_RETRIES, CaseReader, list_archive, listing_notes
 from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, summarise_cases
@@ -89,47 +89,54 @@ def score(args: argparse.Namespace) -> int:
     run["notes"] = [redact_text(note) for note in listing_notes(listed)]
     for note in run["notes"]:
         print(f"note: {note}", flush=True)
-    if args.overwrite:
-        ledger.reset(args.output, so)
-    resumed = ledger.resume(args.output, so)
-    todo = listed.filter(pc.invert(pc.is_in(listed["case_id"], pa.array(sorted(resumed.scored), pa.string()))))
-    cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
-    record.write_record(args.output, run, so)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()  # job logs get `ProgressLog` lines
+    held = lease.Lease(args.output, run["run_id"], so)
+    took_over = held.take()  # before the output changes: a live run's output is refused, untouched
+    if took_over:
+        run["notes"].append(took_over)
+        print(f"note: {took_over}", flush=True)
+    with held.hold():
+        if args.overwrite:
+            ledger.reset(args.output, so)
+        resumed = ledger.resume(args.output, so)
+        todo = listed.filter(pc.invert(pc.is_in(listed["case_id"], pa.array(sorted(resumed.scored), pa.string()))))
+        cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
+        record.write_record(args.output, run, so)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = sys.stderr.isatty()  # job logs get `ProgressLog` lines
 
-    image_size, stages = meta["preprocess"]["image_size"], ""
-    progress = record.Progress.remote()
-    writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
-    if todo.num_rows:
-        reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"],
-                            max_case_bytes=max_case_bytes)
-        context.max_errored_blocks = math.ceil(LOST_READ_TASKS_TOLERATED * reader.read_task_count())
-        ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
-                                      concurrency=reader.read_concurrency(),
-                                      ray_remote_args={"max_retries": READ_TASK_RETRIES})
-        cases_per_call = predictor_cases_per_call(args.num_gpus_per_actor, todo.num_rows, reader.read_task_count())
-        ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
-                                                                "batch_size": args.batch_size, "storage_options": so},
-                            batch_size=cases_per_call, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
-                            num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
-        ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
-                            batch_size=1, batch_format="numpy", num_cpus=WRITE_TASK_CPUS)
-        with record.ProgressLog(progress, todo.num_rows, args.progress_seconds):
-            ds.write_datasink(writer, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
-        stages = ds.stats()
-        print(stages, flush=True)
-        lost = ledger.record_lost_cases(args.output, run["run_id"], todo, so)
-        if lost:
-            print(f"warning: {lost} case(s) lost with workers that died on every attempt: errors/ rows "
-                  "'worker_died'; rerun the same command to retry them", file=sys.stderr, flush=True)
-            writer.tallies.append({"part": f"{run['run_id']}-lost", "cases": 0, "failed": lost, "frames": 0,
-                                   "positives": 0})
-    ray.kill(progress)  # a driver that runs several jobs (tests, benchmarks) keeps no idle actor of each
+        image_size, stages = meta["preprocess"]["image_size"], ""
+        progress = record.Progress.remote()
+        writer = PartWriter(args.output, run["run_id"], meta["checkpoint_id"], cases_per_file, so, progress)
+        if todo.num_rows:
+            reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"],
+                                max_case_bytes=max_case_bytes)
+            context.max_errored_blocks = math.ceil(LOST_READ_TASKS_TOLERATED * reader.read_task_count())
+            ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
+                                          concurrency=reader.read_concurrency(),
+                                          ray_remote_args={"max_retries": READ_TASK_RETRIES})
+            cases_per_call = predictor_cases_per_call(args.num_gpus_per_actor, todo.num_rows, reader.read_task_count())
+            ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
+                                                                    "batch_size": args.batch_size, "storage_options": so},
+                                batch_size=cases_per_call, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
+                                num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
+            ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
+                                batch_size=1, batch_format="numpy", num_cpus=WRITE_TASK_CPUS)
+            with record.ProgressLog(progress, todo.num_rows, args.progress_seconds):
+                ds.write_datasink(writer, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+            stages = ds.stats()
+            print(stages, flush=True)
+            lost = ledger.record_lost_cases(args.output, run["run_id"], todo, so)
+            if lost:
+                print(f"warning: {lost} case(s) lost with workers that died on every attempt: errors/ rows "
+                      "'worker_died'; rerun the same command to retry them", file=sys.stderr, flush=True)
+                writer.tallies.append({"part": f"{run['run_id']}-lost", "cases": 0, "failed": lost, "frames": 0,
+                                       "positives": 0})
+        ray.kill(progress)  # a driver that runs several jobs (tests, benchmarks) keeps no idle actor of each
 
-    run = record.finish(run, listed.num_rows, resumed, writer.tallies, cases_per_file, stages,
-                        time.perf_counter() - started)
-    record.write_record(args.output, run, so)
+        run = record.finish(run, listed.num_rows, resumed, writer.tallies, cases_per_file, stages,
+                            time.perf_counter() - started)
+        held.refresh()  # `LeaseLostError` if another run took the output over meanwhile: not marked complete
+        record.write_record(args.output, run, so)
     print(record.summary_line(run), flush=True)
     return 0
 

@@ -1,14 +1,18 @@
-"""The commit protocol of scoring outputs: parts, commit records, resume after a crash, the run's identity."""
+"""The commit protocol of scoring outputs: parts, commit records, resume after a crash, the run's identity,
+durable local writes."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pytest
 
+from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
 from fetaliqa.score import ledger, record
+from fetaliqa.score.lease import Lease, LeaseLostError
 from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, read_table
 
 
@@ -119,3 +123,63 @@ def test_the_run_record_never_holds_credentials_in_urls():
     assert record.public_url("s3://AKIDEXAMPLE:s3cr3t@bucket/archive") == "s3://bucket/archive"
     assert record.public_url("/data/archive") == "/data/archive"
     assert json.dumps(record.versions())  # plain strings
+
+
+def test_resume_drops_a_record_naming_a_missing_file_and_its_cases_are_scored_again(tmp_path):
+    """A part committed after another run's resume swept its files (a lease lost in a race), or files deleted by
+    hand: the record is deleted, its other files swept, its cases in no part, so they are scored again."""
+    out = str(tmp_path / "out")
+    ledger.write_part(out, "r-000000", part_tables(["a", "b"], []), ["a", "b"], [])
+    ledger.write_part(out, "r-000001", part_tables(["c"], ["d"]), ["c"], ["d"])
+    (tmp_path / "out" / "frames" / "r-000001.parquet").unlink()
+
+    state = ledger.resume(out)
+
+    assert state.scored == {"a", "b"} and state.dropped_records == 1 and state.retried == 0
+    assert state.removed_files == 2  # the dropped part's cases/ and errors/ files
+    assert [r["part"] for r in ledger.load_records(out)] == ["r-000000"]
+    assert read_table(out, CASES)["case_id"].to_pylist() == ["a", "b"] and read_table(out, ERRORS).num_rows == 0
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.parquet")) == ["r-000000.parquet"] * 2
+
+
+def test_a_part_is_not_committed_while_the_lease_names_another_run(tmp_path):
+    out = str(tmp_path / "out")
+    Lease(out, "other-run").take()
+    with pytest.raises(LeaseLostError, match="run r lost its lease .* to run other-run"):
+        ledger.write_part(out, "r-000000", part_tables(["a"], []), ["a"], [])
+    assert not (tmp_path / "out" / "frames").exists() and ledger.load_records(out) == []
+
+
+def test_reset_keeps_the_lease_of_the_run_resetting(tmp_path):
+    out = str(tmp_path / "out")
+    ledger.write_part(out, "r-000000", part_tables(["a"], ["b"]), ["a"], ["b"])
+    record.write_record(out, {"run_id": "r"})
+    Lease(out, "r").take()
+    ledger.reset(out)
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "_fetaliqa", "_fetaliqa/lease.json"]
+
+
+def test_a_local_file_is_fsynced_then_renamed_then_its_folder_fsynced(tmp_path, monkeypatch):
+    """What makes a commit record durable only after its files are: `put_object` returns once the bytes and the
+    name are on disk."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    fs, root = storage.filesystem(str(tmp_path / "out"))
+    storage.put_object(fs, f"{root}/frames/p.parquet", b"rows", local=True)
+
+    (kind, temporary), *rest = events
+    assert kind == "fsync" and temporary.startswith(f"{root}/frames/.p.parquet.") and temporary.endswith(".tmp")
+    assert rest == [("rename", f"{root}/frames/p.parquet"), ("fsync", f"{root}/frames")]
+    assert (tmp_path / "out" / "frames" / "p.parquet").read_bytes() == b"rows"

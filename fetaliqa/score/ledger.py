@@ -8,8 +8,9 @@ it). The record is the commit: one object PUT, atomic on every object store (a r
 filesystem). A part without a record does not exist:
 
 - `read_table` reads only the files that records name;
-- `resume` (the start of every run into an existing output) deletes every table file that no record
-  names (a part whose writer died before its record), retries the failed cases of earlier runs (their
+- `resume` (the start of every run into an existing output) deletes every commit record that names a missing
+  file (its cases are then in no part, and are scored again; see below), deletes every table file that no
+  record names (a part whose writer died before its record), retries the failed cases of earlier runs (their
   records are rewritten without them first, then their `errors/` files deleted, so a crash in between
   leaves only an unnamed file for the next start to delete; `errors/` rows of a part that are not its failed
   cases', bad instances of DICOM studies it scored, are first copied to a file the new record names), and
@@ -20,18 +21,32 @@ scores each case exactly once: a case is in exactly one committed part, never de
 committed, and its frames are those an uninterrupted run writes. Part names are deterministic per write
 task (`<run_id>-<task index>`), so a write task that Ray retries overwrites its own files.
 
+Durability: on a local filesystem every file and record is fsynced, then its folder, before the next is
+written (`storage.put_object`), so after a power loss a record never names an empty or absent file.
+
+One run at a time: a run holds the output's lease (`fetaliqa.score.lease`, `_fetaliqa/lease.json`) from before
+its `reset` or `resume` until it ends, and `write_part` commits nothing while the lease names another run. A
+second run, or `--overwrite`, is refused while the first is alive; it would otherwise delete the first's
+uncommitted files, whose records the first would then commit. Should a record still name a missing file (a
+part committed by a run just as its lease was taken over, or files deleted by hand), `resume` deletes that
+record: its cases are scored again and committed in the new part only, so a case stays in exactly one part.
+`reset` keeps the lease of the run that resets.
+
 Why not `ray.data.checkpoint`: it tracks the rows of one Write; a run writes three tables whose parts
 must commit together (a case is in `cases/` or `errors/` with its frames, or nowhere), and its filter
 runs on the rows a Read yields, which here are decoded cases: a complete case would be decoded again
 before being dropped.
 
-Object-store requests: a commit costs one PUT per non-empty table file plus one for the record; a start
-costs a LIST of the records, a GET each (batched), and a LIST per table.
+Object-store requests: a commit costs a GET of the lease, one PUT per non-empty table file plus one for the
+record; a start costs a LIST of the records, a GET each (batched), and a LIST per table; the lease a PUT to take,
+one per heartbeat, a DELETE to release.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -39,6 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fetaliqa import storage
+from fetaliqa.score import lease
 from fetaliqa.score.schema import ERRORS_SCHEMA, LEDGER_DIR, ROW_GROUP_ROWS, RUN_RECORD, TABLES, part_name
 from fetaliqa.storage import StorageOptions
 
@@ -52,11 +68,14 @@ class ResumeState:
     scored: set[str] = field(default_factory=set)   # case ids in committed parts: skipped
     retried: int = 0                                # failed cases of earlier runs, to be read again
     removed_files: int = 0                          # table files of parts that never committed
+    dropped_records: int = 0                        # commit records naming a missing file: their cases rescored
 
 
 def write_part(output_url: str, part: str, tables: dict[str, pa.Table], scored: list[str], failed: list[str],
                storage_options: StorageOptions = None) -> dict:
-    """Write a part's non-empty tables, then its commit record; returns the record."""
+    """Write a part's non-empty tables, then its commit record; returns the record. `LeaseLostError`, writing
+    nothing, when the output's lease names another run than the part's (`<run_id>-<task index>`)."""
+    lease.check(output_url, part.rsplit("-", 1)[0], storage_options)
     fs, root = storage.filesystem(output_url, storage_options)
     local = storage.is_local(output_url)
     files = {}
@@ -89,8 +108,13 @@ def resume(output_url: str, storage_options: StorageOptions = None) -> ResumeSta
     fs, root = storage.filesystem(output_url, storage_options)
     local = storage.is_local(output_url)
     state = ResumeState()
-    named = set()
+    present = [p for table in TABLES for p in _ls(fs, f"{root}/{table}")]
+    named, existing = set(), set(present)
     for record in load_records(output_url, storage_options):
+        if any(f"{root}/{f}" not in existing for f in record["files"].values()):
+            fs.rm(f"{root}/{PARTS_DIR}/{record['part']}.json")  # its other files are swept below as unnamed
+            state.dropped_records += 1
+            continue
         if record["failed"]:
             state.retried += len(record["failed"])
             kept = _errors_of_others(fs, root, record, local)
@@ -103,7 +127,7 @@ def resume(output_url: str, storage_options: StorageOptions = None) -> ResumeSta
                 fs.rm(path)
         state.scored.update(record["scored"])
         named.update(f"{root}/{f}" for f in record["files"].values())
-    unnamed = [p for table in TABLES for p in _ls(fs, f"{root}/{table}") if p not in named]
+    unnamed = [p for p in present if p not in named]
     if unnamed:
         fs.rm(unnamed)
     state.removed_files = len(unnamed)
@@ -134,13 +158,22 @@ def holds_table_files(output_url: str, storage_options: StorageOptions = None) -
 
 
 def reset(output_url: str, storage_options: StorageOptions = None) -> None:
-    """Delete everything a scoring run writes under `output_url` (`--overwrite`)."""
+    """Delete everything a scoring run writes under `output_url` (`--overwrite`) but the lease (of the run
+    resetting it)."""
     fs, root = storage.filesystem(output_url, storage_options)
-    for name in (*TABLES, LEDGER_DIR, RUN_RECORD):
+    ledger = f"{root}/{LEDGER_DIR}"
+    try:
+        in_ledger = [p for p in fs.ls(ledger, detail=False, refresh=True) if p != f"{root}/{lease.LEASE}"]
+    except FileNotFoundError:
+        in_ledger = []
+    for path in (*(f"{root}/{name}" for name in (*TABLES, RUN_RECORD)), *in_ledger):
         try:
-            fs.rm(f"{root}/{name}", recursive=True)
+            fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
+    if storage.is_local(output_url):
+        with contextlib.suppress(OSError):  # not empty: it holds the lease
+            os.rmdir(ledger)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -6,7 +6,9 @@ values, and URLs as `fetaliqa.redact.public_url` gives them: without user, passw
   checkpoint, checkpoint_id, model, task, versions {fetaliqa, ray, torch},
   cases {listed, skipped (complete before this run), scored, failed, retried (failed before, read again)},
   frames, frames_per_s, parts (written by this run), cases_per_file, removed_files (of parts that never
-  committed), stages (Ray Data's per-stage statistics, text), history (earlier runs' records, oldest first).
+  committed), dropped_records (commit records that named a missing file: their cases scored again), notes
+  (e.g. a dead run's lease taken over), stages (Ray Data's per-stage statistics, text), history (earlier
+  runs' records, oldest first).
 The output's identity is its `checkpoint_id` and `versions.fetaliqa`: `check_identity` refuses a run that
 would mix another model's (or another code version's) scores into it.
 """
@@ -147,7 +149,8 @@ def finish(run: dict, listed: int, resumed, tallies: list[dict], cases_per_file:
                       "failed": sum(t["failed"] for t in tallies), "retried": resumed.retried},
             "frames": frames, "frames_per_s": round(frames / max(seconds, 1e-9), 1),
             "positives": sum(t["positives"] for t in tallies), "parts": len(tallies),
-            "cases_per_file": cases_per_file, "removed_files": resumed.removed_files, "stages": str(stages)}
+            "cases_per_file": cases_per_file, "removed_files": resumed.removed_files,
+            "dropped_records": resumed.dropped_records, "stages": str(stages)}
 
 
 def summary_line(run: dict) -> str:
