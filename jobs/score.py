@@ -116,7 +116,8 @@ def score(args: argparse.Namespace) -> int:
                                           ray_remote_args={"max_retries": READ_TASK_RETRIES})
             cases_per_call = predictor_cases_per_call(args.num_gpus_per_actor, todo.num_rows, reader.read_task_count())
             ds = ds.map_batches(ScoreFrames, fn_constructor_kwargs={"checkpoint": args.checkpoint,
-                                                                    "batch_size": args.batch_size, "storage_options": so},
+                                                                    "batch_size": args.batch_size,
+                                                                    "storage_options": so},
                                 batch_size=cases_per_call, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
                                 num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
             ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
