@@ -161,17 +161,27 @@ def put_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes, local: boo
         return
     parent, name = path.rsplit("/", 1)
     os.makedirs(parent, exist_ok=True)
-    temporary = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    os.replace(synced_temporary(parent, name, data), path)
+    fsync_folder(parent)
+
+
+def synced_temporary(folder: str, name: str, data: bytes) -> str:
+    """Write `data` to a new hidden temporary file in local `folder` (named after `name`), fsynced; its path."""
+    temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
     with open(temporary, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, path)
-    folder = os.open(parent, os.O_RDONLY)
+    return temporary
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a name created or renamed in local `folder` survive a power loss."""
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(descriptor)
     finally:
-        os.close(folder)
+        os.close(descriptor)
 
 
 def is_file_entry(fs: fsspec.AbstractFileSystem, entry: dict) -> bool:

@@ -53,6 +53,7 @@ import psutil
 
 from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.redact import public_url
 from fetaliqa.score.schema import LEDGER_DIR
 from fetaliqa.storage import StorageOptions
 
@@ -116,7 +117,7 @@ def check(output_url: str, run_id: str, storage_options: StorageOptions = None) 
     except FileNotFoundError:
         return
     if holder.get("run_id") != run_id:
-        raise LeaseLostError(f"run {run_id} lost its lease on {_public(output_url)} to {describe(holder)}: "
+        raise LeaseLostError(f"run {run_id} lost its lease on {public_url(output_url)} to {describe(holder)}: "
                              "it commits nothing more; that run finishes the output")
 
 
@@ -157,7 +158,7 @@ class Lease:
             reason = dead_because(holder, self.timeout_s)
             if reason is None:
                 raise LeaseHeldError(
-                    f"{_public(self.output_url)} is being written by {describe(holder)}, last heartbeat at "
+                    f"{public_url(self.output_url)} is being written by {describe(holder)}, last heartbeat at "
                     f"{holder.get('heartbeat')}: wait for it to end (a lease without a heartbeat for "
                     f"{self.timeout_s:.0f} s is taken over)")
             try:
@@ -165,7 +166,7 @@ class Lease:
             except (_Changed, FileExistsError):
                 continue
             return f"took over the lease of {describe(holder)}: {reason}"
-        raise LeaseHeldError(f"{_public(self.output_url)}: its lease keeps changing hands; another run is starting")
+        raise LeaseHeldError(f"{public_url(self.output_url)}: its lease keeps changing hands; another run is starting")
 
     def refresh(self) -> None:
         """Write a new heartbeat; `LeaseLostError` when the lease is another run's now."""
@@ -212,7 +213,7 @@ class Lease:
                 return
             except Exception as err:  # noqa: BLE001 - a storage hiccup: the lease dies only after TIMEOUT_S of them
                 log.warning("lease heartbeat on %s failed (%s: %s); trying again in %.0f s",
-                            _public(self.output_url), type(err).__name__, err, self.heartbeat_s)
+                            public_url(self.output_url), type(err).__name__, err, self.heartbeat_s)
 
     def _stop_beating(self) -> None:
         self._stop.set()
@@ -230,7 +231,7 @@ class Lease:
             holder = describe(_parse(self._store.read()[0]))
         except FileNotFoundError:
             holder = "nobody (deleted)"
-        return (f"run {self.run_id} lost its lease on {_public(self.output_url)} to {holder}: "
+        return (f"run {self.run_id} lost its lease on {public_url(self.output_url)} to {holder}: "
                 "it commits nothing more; that run finishes the output")
 
     def _content(self) -> bytes:
@@ -247,12 +248,6 @@ def _parse(content: bytes) -> dict:
     except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _public(url: str) -> str:
-    from fetaliqa.score.record import public_url
-
-    return public_url(url)
 
 
 def _store(fs, path: str, local: bool):
@@ -277,12 +272,12 @@ class _LocalLease:
 
     def create(self, content: bytes) -> bytes:
         os.makedirs(self.folder, exist_ok=True)
-        temporary = self._temporary(content)
+        temporary = storage.synced_temporary(self.folder, "lease", content)
         try:
             os.link(temporary, self.path)  # FileExistsError when there is a lease
         finally:
             os.unlink(temporary)
-        _fsync_folder(self.folder)
+        storage.fsync_folder(self.folder)
         return content
 
     def take_over(self, content: bytes, token: bytes) -> bytes:
@@ -304,8 +299,8 @@ class _LocalLease:
     def refresh(self, content: bytes, token: bytes) -> bytes:
         if self.read()[0] != token:
             raise _Changed
-        os.replace(self._temporary(content), self.path)
-        _fsync_folder(self.folder)
+        os.replace(storage.synced_temporary(self.folder, "lease", content), self.path)
+        storage.fsync_folder(self.folder)
         return content
 
     def delete(self, token: bytes) -> None:
@@ -313,22 +308,6 @@ class _LocalLease:
             raise _Changed
         os.unlink(self.path)
 
-    def _temporary(self, content: bytes) -> str:
-        temporary = f"{self.folder}/.lease.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        return temporary
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make a name created or renamed in `folder` survive a power loss."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class _S3Lease:
