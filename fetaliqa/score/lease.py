@@ -343,11 +343,22 @@ class _S3Lease:
     def _put(self, content: bytes, **condition) -> str:
         try:
             return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=content, **condition)["ETag"]
-        except FileExistsError:
+        except OSError as err:  # FileExistsError included
+            # botocore retries a PUT whose answer was lost (a reset, a 500 after the store wrote it): that retry's
+            # condition fails against our own write. The lease holding exactly `content` says the write landed.
+            landed = self._etag_if_holding(content)
+            if landed:
+                return landed
+            if not isinstance(err, FileExistsError):
+                _raise_changed_if_precondition(err)
             raise
-        except OSError as err:
-            _raise_changed_if_precondition(err)
-            raise
+
+    def _etag_if_holding(self, content: bytes) -> str | None:
+        try:
+            current, etag = self.read()
+        except OSError:
+            return None
+        return etag if current == content else None
 
 
 def _raise_changed_if_precondition(err: OSError) -> None:
