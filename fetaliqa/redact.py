@@ -33,6 +33,8 @@ def public_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed IPv6 bracket: keep nothing that could be a secret
         return url.split("://", 1)[0] + "://(unparsable URL)"
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url  # nothing to drop: kept as written (urlunsplit would turn a bare "s3://" into "s3:")
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import SimpleITK as sitk
-from conftest import REFERENCE_FOV_MASK, own_stderr_lines
+from conftest import own_stderr_lines
 
 from fetaliqa import challenge, layout
 from fetaliqa.archive import list_cases, read_circumferences, read_image_stack
@@ -240,11 +240,13 @@ def test_a_fov_mask_file_is_used_for_every_case_and_named(hand_archive, tmp_path
     assert f"file {fov_url}" in (out / "report.html").read_text()
     assert "ACOUSLIC-AI score inf (WFSS 0.300, Dice inf, NAE AC" in capsys.readouterr().out
 
-    # the challenge's own FOV mask (562 x 744) does not fit these 20 x 30 frames: one line naming it, no report
+    # a FOV mask of the challenge's size (562 x 744) does not fit these 20 x 30 frames: one line naming it, no report
+    acouslic_size = tmp_path / "fov_562x744.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((562, 744), np.float32)), str(acouslic_size))
     assert evaluate_job.main(["--scores", scores, "--data", str(hand_archive), "--output", str(tmp_path / "r2"),
-                              "--fov-mask", str(REFERENCE_FOV_MASK)]) == 2
+                              "--fov-mask", str(acouslic_size)]) == 2
     err = own_stderr_lines(capsys)
-    assert len(err) == 1 and f"{REFERENCE_FOV_MASK}: FOV mask is (562, 744); case alpha's frames are (20, 30)" in err[0]
+    assert len(err) == 1 and f"{acouslic_size}: FOV mask is (562, 744); case alpha's frames are (20, 30)" in err[0]
     assert not (tmp_path / "r2").exists()
     fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
 
