@@ -6,7 +6,7 @@
 One synthetic ACOUSLIC-size case (6 sweeps of K frames of 562 x 744) is written once as a zlib-compressed
 .mha (as the challenge ships it) and as a DICOM study of six multi-frame instances per encoding: JPEG
 Baseline (gray, quality 90, PIL), JPEG-LS Lossless, JPEG 2000 Lossless, RLE Lossless, deflated explicit VR,
-each with the burned-in text and the US region of `fetaliqa.synth_dicom`. Timed, best of `--repeats`, with
+each with the burned-in text and the US region of `fetaliqa.synthetic.dicom`. Timed, best of `--repeats`, with
 the process pinned to one core and every library to one thread: `read_image_stack` of the .mha against
 `read_dicom_instance` of the six instances (parse, decode, crop to the region, gray). Neither includes the
 resize to 224 that scoring adds to both. The Markdown goes to `--output`. Not a test: timings belong here.
@@ -36,11 +36,11 @@ from pydicom.uid import (
 )
 from threadpoolctl import threadpool_limits
 
-from fetaliqa import layout
-from fetaliqa.archive import read_image_stack
-from fetaliqa.dicom import read_dicom_instance
-from fetaliqa.synth import put_volume, synthetic_cases
-from fetaliqa.synth_dicom import instance_dataset, burn_in
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.dicom import read_dicom_instance
+from fetaliqa.inputs.stacks import read_image_stack
+from fetaliqa.synthetic.archive import put_volume, synthetic_cases
+from fetaliqa.synthetic.dicom import instance_dataset, burn_in
 
 HEIGHT, WIDTH = 562, 744
 ENCODINGS = (JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian)

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fetaliqa.inference import default_batch_size
 from fetaliqa.models import DEFAULT_THRESHOLD, IQAModel, PreprocessSpec, build_model, load_checkpoint, save_checkpoint
+from fetaliqa.models.frame_model import default_batch_size
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.score.predict import ScoreFrames
 from fetaliqa.training.step import LOSSES, run_epoch

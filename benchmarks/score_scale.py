@@ -67,7 +67,7 @@ class Run(NamedTuple):  # not a dataclass: tests/test_readme.py loads this file 
 
 def tiny_archive(data: Path, n: int) -> Path:
     """The cached archive of `n` tiny cases; written once (its circumferences CSV comes last)."""
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     root = data / f"tiny-{n}"
     csv = root / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv"
@@ -130,7 +130,7 @@ def steady_state(commits: list[tuple[float, int]], started: float) -> tuple[floa
 
 def output_summary(out: str, options: dict | None) -> tuple[dict, dict[str, int], dict[str, int]]:
     """(run.json, {part: cases scored}, {table: files}) of a finished output, local or on S3."""
-    from fetaliqa import storage
+    from fetaliqa.inputs import storage
 
     fs, root = storage.filesystem(out, options)
     run = json.loads(fs.cat_file(f"{root}/run.json"))

@@ -8,7 +8,7 @@ fresh process (`fetalclip-tiny` CLS, built here), with `--input` and `--output` 
 tests/fault_proxy.py: a seeded `--rate` of the requests, plus the first listing, read and write, get a
 503 SlowDown, a 500 InternalError, a connection reset mid-body or a 2 s stall (at most 3), in turn.
 Once per retry policy, each on a fresh proxy with the same seed and a fresh output:
-  - "fetaliqa default": `{"endpoint_url": PROXY}` (fetaliqa.storage.S3_RETRY_DEFAULTS);
+  - "fetaliqa default": `{"endpoint_url": PROXY}` (fetaliqa.inputs.storage.S3_RETRY_DEFAULTS);
   - "botocore legacy default": `{"config_kwargs": {"retries": {"mode": "legacy", "max_attempts": 4}}}`,
     what a client got before fetaliqa set a policy (no AWS_RETRY_MODE / AWS config file);
   - "botocore retries off": `{"config_kwargs": {"retries": {"max_attempts": 0}}}` (s3fs's own retries remain).
@@ -62,9 +62,10 @@ def checkpoint(folder: str) -> str:
 
 def outcome(output: str, direct: dict, case_ids: list[str]) -> dict:
     """What a run left in `output`, read from the server without faults."""
-    from fetaliqa import storage
+    from fetaliqa.inputs import storage
     from fetaliqa.score import ledger
-    from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
+    from fetaliqa.score.ledger import read_table
+    from fetaliqa.score.schema import CASES, ERRORS, FRAMES
 
     fs, root = storage.filesystem(output, direct)
     if not fs.exists(f"{root}/_fetaliqa"):
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.update(S3_ENV)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request it answers
-    from fetaliqa import storage
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.inputs import storage
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     server = LoopbackS3()
     direct = {"endpoint_url": server.url}

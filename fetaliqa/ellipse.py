@@ -15,7 +15,7 @@ def ramanujan_perimeter(semi_major: float, semi_minor: float) -> float:
     return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
 
-def circumference_mm(mask: np.ndarray, spacing_mm: tuple[float, float]) -> float | None:
+def mask_circumference_mm(mask: np.ndarray, spacing_mm: tuple[float, float]) -> float | None:
     """Circumference in mm of the ellipse fitted to the largest region of `mask`.
 
     mask: (H, W) bool or 0/1 array at native resolution. spacing_mm: (row, col) pixel spacing. The

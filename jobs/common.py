@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import ray
 
-from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.inputs import storage
 from fetaliqa.redact import redact_text
 
 log = logging.getLogger("fetaliqa")

@@ -14,9 +14,10 @@ import os
 import sys
 import time
 
-from fetaliqa.archive import list_cases
-from fetaliqa.score.schema import CASES, read_table
-from fetaliqa.storage import filesystem, join
+from fetaliqa.inputs.stacks import list_cases
+from fetaliqa.inputs.storage import filesystem, join
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import CASES
 from fetaliqa.training.protocol import load_split
 
 from jobs import evaluate as evaluate_job
@@ -25,7 +26,7 @@ from jobs import synth as synth_job
 from jobs import train as train_job
 from jobs.common import run_recipe
 
-# The synthetic archive has no intensity shortcut (fetaliqa.synth): a frame is positive by what its ring
+# The synthetic archive has no intensity shortcut (fetaliqa.synthetic.archive): a frame is positive by what its ring
 # encloses. A small CNN learns that from scratch in a few CPU epochs (MobileNetV3-Small at width 0.5: validation
 # F1 0.98 after 3 epochs on 24 training cases); fetalclip-tiny, a ViT with no pretrained weights, stayed at
 # chance (AUROC ~0.6 after 5 epochs). SEG's decoder needs a ViT's patch tokens: there the demo trains

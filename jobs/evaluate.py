@@ -19,8 +19,9 @@ import argparse
 import sys
 import time
 
-from fetaliqa import report, storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.evaluation import report
+from fetaliqa.inputs import storage
 from jobs.common import add_storage_options, run_recipe
 
 
@@ -60,7 +61,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if not args.predictions:
         frame, cases = result.metrics["frame_metrics"], result.metrics["case_metrics"]["aggregate"]
         line += (f", {frame['n']} frames: F1 {frame['f1']:.3f} (precision {frame['precision']:.3f}, recall "
-                 f"{frame['recall']:.3f}), WFSS {cases['wfss']:.3f}")
+                 f"{frame['recall']:.3f}), selection score {cases['selection_score']:.3f}")
     print(f"{line}; {run['cases_excluded']} cases excluded; ACOUSLIC-AI score {_number(challenge['score'])} "
           f"(WFSS {_number(challenge['wfss'])}, Dice {_number(challenge['soft_dice'])}, NAE AC "
           f"{_number(challenge['nae_ac'])}); {time.perf_counter() - started:.1f} s -> {page}", flush=True)

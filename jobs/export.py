@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from fetaliqa.export import export_run
+from fetaliqa.evaluation.challenge_format import export_run
 from jobs.common import add_storage_options, run_recipe
 
 

@@ -148,7 +148,7 @@ def predictor_pool(actors: int, gpus_per_actor: float) -> ray.data.ActorPoolStra
     """`actors` predictor actors. A GPU actor runs two calls at once, each on its own CUDA stream
     (`FrameModel`): one case's copies and Ray's host work overlap the other's compute, so the GPU is fed.
     It scores on the GPU Ray assigned it, or on the CPU where torch sees no CUDA
-    (`fetaliqa.inference.scoring_device`); a CPU actor always on the CPU, even on a GPU node.
+    (`fetaliqa.models.frame_model.scoring_device`); a CPU actor always on the CPU, even on a GPU node.
     A CPU actor runs one call at a time: two would share its cores."""
     if gpus_per_actor > 0:
         return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,

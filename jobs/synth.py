@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from jobs.common import add_storage_options, run_recipe
-from fetaliqa.synth import write_synthetic_archive
-from fetaliqa.synth_dicom import DICOM_DIR, write_synthetic_dicom_archive
+from fetaliqa.synthetic.archive import write_synthetic_archive
+from fetaliqa.synthetic.dicom import DICOM_DIR, write_synthetic_dicom_archive
 
 
 def build_parser(prog: str = "python -m jobs.synth") -> argparse.ArgumentParser:

@@ -22,11 +22,11 @@ import sys
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from fetaliqa.archive import list_cases, read_circumferences
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.inputs.stacks import list_cases, read_circumferences
+from fetaliqa.inputs.storage import join
 from fetaliqa.models import default_trainable
-from fetaliqa.storage import join
-from fetaliqa.training import data, evaluate, outputs
+from fetaliqa.training import data, holdout, outputs
 from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, train_loop_per_worker
 from fetaliqa.training.protocol import make_split, save_split
 from fetaliqa.training.recipes import RECIPES, Recipe
@@ -122,9 +122,9 @@ def run_trial(args: argparse.Namespace, recipe: Recipe, model: str, weights: str
     result = fit(args, recipe, frames, model_kwargs(args, recipe, model, weights, seed), out)
     best = result.get_best_checkpoint(metric="val_loss", mode="min")
     # Validation and test frames in one pass: one set of scoring actors, one model load.
-    scores = evaluate.score_frames(frames["val"].union(frames["test"]), best, args.workers, args.use_gpu, so)
-    val, test = (evaluate.select_cases(scores, split.part(part)) for part in ("val", "test"))
-    metrics = evaluate.evaluate(args.task, val, test, strict=recipe.strict) | {
+    scores = holdout.score_frames(frames["val"].union(frames["test"]), best, args.workers, args.use_gpu, so)
+    val, test = (holdout.select_cases(scores, split.part(part)) for part in ("val", "test"))
+    metrics = holdout.evaluate(args.task, val, test, strict=recipe.strict) | {
         "seed": seed, "recipe": recipe.name, "best_epoch": _epoch_of(result, best),
         "trainable_parameters": result.metrics["trainable_parameters"]}
     outputs.export_checkpoint(best, join(out, outputs.CHECKPOINT_DIR), metrics["threshold"], metrics, so)

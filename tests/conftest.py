@@ -77,7 +77,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def small_archive(tmp_path_factory) -> Path:
     """A synthetic ACOUSLIC-layout archive: 4 cases of 6 x 8 frames of 70 x 93 pixels."""
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     root = tmp_path_factory.mktemp("archive")
     write_synthetic_archive(str(root), cases=4, frames_per_sweep=8, height=70, width=93, seed=7)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fetaliqa import archive, errors, layout
-from fetaliqa.archive import CaseRef
+from fetaliqa import errors
+from fetaliqa.inputs import stacks
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.stacks import CaseRef
 
 T, H, W = 12, 40, 50
 FOV_MASK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "acouslic_fov_mask.mha"
@@ -63,7 +65,7 @@ def make_layout(root: Path, ids, with_masks=(), frames=None, suffix=".mha"):
 )
 def test_each_format_reads_back(tmp_path, frames, name, compress):
     uri = write_stack(tmp_path / name, frames, spacing=(0.28, 0.31), compress=compress)
-    stack = archive.read_image_stack(uri)
+    stack = stacks.read_image_stack(uri)
     assert stack.frames.shape == (T, H, W) and stack.frames.dtype == np.uint8
     assert stack.frames.flags.c_contiguous
     np.testing.assert_array_equal(stack.frames, frames)
@@ -74,7 +76,7 @@ def test_each_format_reads_back(tmp_path, frames, name, compress):
 def test_frames_are_the_decoded_buffer_and_outlive_the_reader(tmp_path, frames):
     import gc
 
-    stack = archive.read_image_stack(write_stack(tmp_path / "a.mha", frames))
+    stack = stacks.read_image_stack(write_stack(tmp_path / "a.mha", frames))
     gc.collect()  # nothing but the array holds SimpleITK's image now
     assert not stack.frames.flags.owndata and stack.frames.flags.writeable
     np.testing.assert_array_equal(stack.frames, frames)
@@ -88,14 +90,14 @@ def test_multi_member_nifti_gz_is_not_mistaken_for_truncated(tmp_path, frames):
     raw = Path(write_stack(tmp_path / "a.nii", frames, compress=False)).read_bytes()
     half = len(raw) // 2
     (tmp_path / "b.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
-    np.testing.assert_array_equal(archive.read_image_stack(str(tmp_path / "b.nii.gz")).frames, frames)
+    np.testing.assert_array_equal(stacks.read_image_stack(str(tmp_path / "b.nii.gz")).frames, frames)
 
 
 def test_read_from_memory_url(memory_root, tmp_path, frames):
     local = write_stack(tmp_path / "a.nii.gz", frames)
     uri = f"{memory_root}/a.nii.gz"
     fsspec.filesystem("memory").pipe(uri, Path(local).read_bytes())
-    stack = archive.read_image_stack(uri)
+    stack = stacks.read_image_stack(uri)
     np.testing.assert_array_equal(stack.frames, frames)
     assert stack.source == uri
 
@@ -105,7 +107,7 @@ def test_read_from_memory_url(memory_root, tmp_path, frames):
 
 def test_list_layout_with_some_masks(tmp_path):
     root = make_layout(tmp_path / "root", ["c", "a", "b"], with_masks={"a", "c"})
-    cases = archive.list_cases(str(root))
+    cases = stacks.list_cases(str(root))
     assert [c.case_id for c in cases] == ["a", "b", "c"]
     assert cases[0] == CaseRef("a", f"{root}/{layout.IMAGES_DIR}/a.mha", f"{root}/{layout.MASKS_DIR}/a.mha")
     assert cases[1].mask_uri is None
@@ -115,14 +117,14 @@ def test_list_layout_with_some_masks(tmp_path):
 def test_list_layout_without_masks_folder(tmp_path):
     root = make_layout(tmp_path / "root", ["x", "y"])
     (root / layout.MASKS_DIR).rmdir()
-    cases = archive.list_cases(str(root) + "/")
+    cases = stacks.list_cases(str(root) + "/")
     assert [(c.case_id, c.mask_uri) for c in cases] == [("x", None), ("y", None)]
 
 
 def test_list_layout_mask_needs_same_suffix(tmp_path):
     root = make_layout(tmp_path / "root", ["a"], suffix=".nii.gz")
     write_stack(root / layout.MASKS_DIR / "a.mha", np.zeros((T, H, W), np.uint8))
-    assert archive.list_cases(str(root))[0].mask_uri is None
+    assert stacks.list_cases(str(root))[0].mask_uri is None
 
 
 def test_list_bare_folder_of_mixed_formats(tmp_path, frames):
@@ -132,7 +134,7 @@ def test_list_bare_folder_of_mixed_formats(tmp_path, frames):
     (tmp_path / ".hidden.mha").write_text("x")
     (tmp_path / "sub").mkdir()
     write_stack(tmp_path / "sub" / "d.mha", frames)
-    cases = archive.list_cases(str(tmp_path))
+    cases = stacks.list_cases(str(tmp_path))
     assert [(c.case_id, os.path.basename(c.image_uri), c.mask_uri) for c in cases] == [
         ("a", "a.mha", None), ("b", "b.nii.gz", None), ("c", "c.nrrd", None)
     ]
@@ -145,7 +147,7 @@ def test_list_text_file(tmp_path):
     listing.write_text(
         "# archive of 2025\n\ns3://bucket/x/z.mha\n  rel/y.nii.gz  \n/abs/path/a.nrrd\n# done\n"
     )
-    cases = archive.list_cases(str(listing))
+    cases = stacks.list_cases(str(listing))
     assert cases == [
         CaseRef("a", "/abs/path/a.nrrd"),
         CaseRef("y", f"{listing.parent}/rel/y.nii.gz"),
@@ -157,7 +159,7 @@ def test_list_text_file_rejects_non_images(tmp_path):
     listing = tmp_path / "cases.txt"
     listing.write_text("a.mha\nb.png\n")
     with pytest.raises(errors.InputError, match=r"cases\.txt: line 2: 'b\.png' is not a stacked image"):
-        archive.list_cases(str(listing))
+        stacks.list_cases(str(listing))
 
 
 def test_list_memory_url_keeps_scheme(memory_root, tmp_path):
@@ -165,30 +167,30 @@ def test_list_memory_url_keeps_scheme(memory_root, tmp_path):
     fs = fsspec.filesystem("memory")
     for path in local.rglob("*.mha"):
         fs.pipe(f"{memory_root}/{path.relative_to(local).as_posix()}", path.read_bytes())
-    cases = archive.list_cases(memory_root)
+    cases = stacks.list_cases(memory_root)
     assert cases == [
         CaseRef("a", f"{memory_root}/{layout.IMAGES_DIR}/a.mha", None),
         CaseRef("b", f"{memory_root}/{layout.IMAGES_DIR}/b.mha", f"{memory_root}/{layout.MASKS_DIR}/b.mha"),
     ]
-    stack, mask = archive.read_case(cases[1], with_mask=True)
+    stack, mask = stacks.read_case(cases[1], with_mask=True)
     assert stack.frames.shape == mask.shape == (T, H, W)
     # a bare memory:// prefix and a list stored in memory
-    assert [c.image_uri for c in archive.list_cases(f"{memory_root}/{layout.IMAGES_DIR}")] == [
+    assert [c.image_uri for c in stacks.list_cases(f"{memory_root}/{layout.IMAGES_DIR}")] == [
         c.image_uri for c in cases
     ]
     fs.pipe(f"{memory_root}/list.txt", b"images/stacked_fetal_ultrasound/b.mha\n")
-    assert archive.list_cases(f"{memory_root}/list.txt") == [CaseRef("b", cases[1].image_uri)]
+    assert stacks.list_cases(f"{memory_root}/list.txt") == [CaseRef("b", cases[1].image_uri)]
 
 
 def test_list_duplicate_case_ids(tmp_path, frames):
     write_stack(tmp_path / "a.mha", frames)
     write_stack(tmp_path / "a.nii.gz", frames)
     with pytest.raises(errors.InputError, match="duplicate case id 'a'"):
-        archive.list_cases(str(tmp_path))
+        stacks.list_cases(str(tmp_path))
     listing = tmp_path / "l.txt"
     listing.write_text("x/a.mha\ny/a.mha\n")
     with pytest.raises(errors.InputError, match="duplicate case id 'a'"):
-        archive.list_cases(str(listing))
+        stacks.list_cases(str(listing))
 
 
 @pytest.mark.parametrize("what", ["empty folder", "missing path", "empty list", "missing list"])
@@ -202,13 +204,13 @@ def test_list_nothing_found(tmp_path, what):
     if what == "empty list":
         Path(url).write_text("# nothing yet\n")
     with pytest.raises(errors.MissingObjectError) as info:
-        archive.list_cases(url)
+        stacks.list_cases(url)
     assert str(info.value).startswith(url + ": ")
 
 
 def test_list_empty_memory_prefix(memory_root):
     with pytest.raises(errors.MissingObjectError, match="fetaliqa-test"):
-        archive.list_cases(memory_root)
+        stacks.list_cases(memory_root)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -274,7 +276,7 @@ BAD_KINDS = [
 def test_bad_image_raises_specific_error(tmp_path, kind):
     uri, expected, fragment = _bad_input(tmp_path, kind)
     with pytest.raises(errors.InputError) as info:
-        archive.read_image_stack(uri)
+        stacks.read_image_stack(uri)
     err = info.value
     assert type(err) is expected, f"{kind}: {type(err).__name__}: {err}"
     message = str(err)
@@ -290,7 +292,7 @@ def test_a_header_declaring_a_terabyte_is_refused_before_any_allocation(tmp_path
     path = tmp_path / "crafted.mha"
     path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 744 562 2500002\nElementType = MET_UCHAR\n"
                      b"ElementDataFile = LOCAL\n" + bytes(100))
-    for read in (archive.read_image_stack, lambda uri, max_bytes: archive.read_mask_stack(uri, max_bytes=max_bytes)):
+    for read in (stacks.read_image_stack, lambda uri, max_bytes: stacks.read_mask_stack(uri, max_bytes=max_bytes)):
         with pytest.raises(errors.TooLargeError) as info:
             read(str(path), max_bytes=3 << 29)
         assert str(info.value) == (f"{path}: decoded size 973.5 GiB (2500002 frames x 562 x 744 x 1 byte) "
@@ -302,9 +304,9 @@ def test_the_decoded_size_counts_every_byte_of_the_pixel_type(tmp_path):
     values = np.random.default_rng(2).integers(0, 256, (T, H, W)).astype(np.float64)
     uri = write_stack(tmp_path / "f.mha", values)
     size = T * H * W * 8
-    np.testing.assert_array_equal(archive.read_image_stack(uri, max_bytes=size).frames, values.astype(np.uint8))
+    np.testing.assert_array_equal(stacks.read_image_stack(uri, max_bytes=size).frames, values.astype(np.uint8))
     with pytest.raises(errors.TooLargeError, match=rf"\({T} frames x {H} x {W} x 8 bytes\) over --max-case-gib"):
-        archive.read_image_stack(uri, max_bytes=size - 1)
+        stacks.read_image_stack(uri, max_bytes=size - 1)
 
 
 def test_truncated_remote_copy_names_the_url(memory_root, tmp_path, frames):
@@ -312,13 +314,13 @@ def test_truncated_remote_copy_names_the_url(memory_root, tmp_path, frames):
     uri = f"{memory_root}/a.mha"
     fsspec.filesystem("memory").pipe(uri, Path(local).read_bytes())
     with pytest.raises(errors.TruncatedFileError, match=f"^{uri}: truncated"):
-        archive.read_image_stack(uri)
+        stacks.read_image_stack(uri)
 
 
 @pytest.mark.skipif(not FOV_MASK.exists(), reason="shared reference FOV mask not present")
 def test_real_acouslic_fov_mask_is_2d():
     with pytest.raises(errors.BadShapeError, match="2-D image of shape 562 x 744"):
-        archive.read_image_stack(str(FOV_MASK))
+        stacks.read_image_stack(str(FOV_MASK))
 
 
 # ------------------------------------------------------------------------------------------- pixel rule
@@ -327,7 +329,7 @@ def test_real_acouslic_fov_mask_is_2d():
 def test_float_in_unit_range_is_scaled(tmp_path):
     values = np.random.default_rng(2).random((T, H, W)).astype(np.float32)
     values[0, 0, :2] = (0.0, 1.0)
-    stack = archive.read_image_stack(write_stack(tmp_path / "f.nrrd", values))
+    stack = stacks.read_image_stack(write_stack(tmp_path / "f.nrrd", values))
     np.testing.assert_array_equal(stack.frames, np.rint(values * np.float32(255)).astype(np.uint8))
     assert stack.frames[0, 0, :2].tolist() == [0, 255]
 
@@ -335,7 +337,7 @@ def test_float_in_unit_range_is_scaled(tmp_path):
 def test_float_in_gray_range_is_rounded(tmp_path):
     values = np.random.default_rng(3).uniform(0, 255, (T, H, W))
     values[0, 0, :3] = (0.4, 254.6, 1.5)
-    stack = archive.read_image_stack(write_stack(tmp_path / "f.mha", values))
+    stack = stacks.read_image_stack(write_stack(tmp_path / "f.mha", values))
     np.testing.assert_array_equal(stack.frames, np.rint(values).astype(np.uint8))
     assert stack.frames[0, 0, :3].tolist() == [0, 255, 2]
 
@@ -344,7 +346,7 @@ def test_float_in_gray_range_is_rounded(tmp_path):
 def test_other_integers_in_gray_range_are_cast_not_scaled(tmp_path, dtype):
     values = np.random.default_rng(4).integers(0, 2, (T, H, W)).astype(dtype)  # 0/1 stays 0/1
     values[1, 1, 1] = 255
-    stack = archive.read_image_stack(write_stack(tmp_path / "i.mha", values))
+    stack = stacks.read_image_stack(write_stack(tmp_path / "i.mha", values))
     np.testing.assert_array_equal(stack.frames, values.astype(np.uint8))
 
 
@@ -353,19 +355,19 @@ def test_other_integers_in_gray_range_are_cast_not_scaled(tmp_path, dtype):
 
 @pytest.fixture()
 def image_stack(tmp_path, frames):
-    return archive.read_image_stack(write_stack(tmp_path / "img.mha", frames))
+    return stacks.read_image_stack(write_stack(tmp_path / "img.mha", frames))
 
 
 def test_mask_reads_back(tmp_path, image_stack):
     labels = np.random.default_rng(5).integers(0, 3, (T, H, W), dtype=np.uint8)
-    mask = archive.read_mask_stack(write_stack(tmp_path / "m.mha", labels), image_stack)
+    mask = stacks.read_mask_stack(write_stack(tmp_path / "m.mha", labels), image_stack)
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, labels)
 
 
 def test_float_mask_with_labels_is_accepted(tmp_path, image_stack):
     labels = np.random.default_rng(6).integers(0, 3, (T, H, W)).astype(np.float32)
-    mask = archive.read_mask_stack(write_stack(tmp_path / "m.nii.gz", labels), image_stack)
+    mask = stacks.read_mask_stack(write_stack(tmp_path / "m.nii.gz", labels), image_stack)
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, labels.astype(np.uint8))
 
@@ -374,7 +376,7 @@ def test_float_mask_with_labels_is_accepted(tmp_path, image_stack):
 def test_mask_shape_mismatch(tmp_path, image_stack, shape):
     uri = write_stack(tmp_path / "m.mha", np.zeros(shape, np.uint8))
     with pytest.raises(errors.MaskMismatchError) as info:
-        archive.read_mask_stack(uri, image_stack)
+        stacks.read_mask_stack(uri, image_stack)
     message = str(info.value)
     assert message.startswith(f"{uri}: ") and "12 x 40 x 50" in message
     assert f"mask shape {' x '.join(map(str, shape))} differs" in message
@@ -386,26 +388,26 @@ def test_mask_bad_values_are_listed(tmp_path, image_stack, dtype):
     labels[0, 0, 0], labels[5, 5, 5], labels[6, 6, 6] = 7, 3, 3
     uri = write_stack(tmp_path / "m.mha", labels)
     with pytest.raises(errors.BadMaskValuesError, match=r"m\.mha: mask values outside \{0, 1, 2\}: 3, 7"):
-        archive.read_mask_stack(uri, image_stack)
+        stacks.read_mask_stack(uri, image_stack)
 
 
 def test_read_case_with_and_without_mask(tmp_path):
     root = make_layout(tmp_path / "root", ["a", "b"], with_masks={"a"})
-    a, b = archive.list_cases(str(root))
-    stack, mask = archive.read_case(a, with_mask=True)
+    a, b = stacks.list_cases(str(root))
+    stack, mask = stacks.read_case(a, with_mask=True)
     assert stack.frames.shape == mask.shape == (T, H, W)
-    assert archive.read_case(b)[1] is None
+    assert stacks.read_case(b)[1] is None
     with pytest.raises(errors.MissingMaskError) as info:
-        archive.read_case(b, with_mask=True)
+        stacks.read_case(b, with_mask=True)
     assert str(info.value).startswith(f"{b.image_uri}: no mask for case 'b'")
 
 
 def test_read_case_missing_mask_object(tmp_path):
     root = make_layout(tmp_path / "root", ["a"], with_masks={"a"})
-    case = archive.list_cases(str(root))[0]
+    case = stacks.list_cases(str(root))[0]
     os.remove(case.mask_uri)
     with pytest.raises(errors.MissingObjectError, match=f"^{case.mask_uri}: "):
-        archive.read_case(case, with_mask=True)
+        stacks.read_case(case, with_mask=True)
 
 
 # ------------------------------------------------------------------------------------------- csv
@@ -422,7 +424,7 @@ def write_csv(root: Path, text: str) -> str:
 
 def test_circumferences_read(tmp_path):
     write_csv(tmp_path, f"{HEADER}\nu1,s1,,150.5,,,NaN,\n\nu2,s2,1,2,3,4,5,6\n")
-    result = archive.read_circumferences(str(tmp_path))
+    result = stacks.read_circumferences(str(tmp_path))
     assert result == {"u1": [None, 150.5, None, None, None, None], "u2": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
 
 
@@ -431,7 +433,7 @@ def test_circumferences_column_order_and_direct_url(memory_root):
     text = ",".join(columns) + "\n" + ",".join(["6", "5", "4", "3", "2", "1", "s", "u", "hello"]) + "\n"
     url = f"{memory_root}/ac.csv"
     fsspec.filesystem("memory").pipe(url, ("\ufeff" + text).encode())  # with a BOM, as Excel writes it
-    assert archive.read_circumferences(url) == {"u": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
+    assert stacks.read_circumferences(url) == {"u": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
 
 
 ROW = "u1,s1,1,2,3,4,5,6"
@@ -456,14 +458,14 @@ ROW = "u1,s1,1,2,3,4,5,6"
 def test_malformed_csv(tmp_path, text, fragment):
     path = write_csv(tmp_path, text)
     with pytest.raises(errors.MalformedCsvError) as info:
-        archive.read_circumferences(str(tmp_path))
+        stacks.read_circumferences(str(tmp_path))
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{path}: ") and fragment in message
 
 
 def test_csv_missing_and_empty(tmp_path):
     with pytest.raises(errors.MissingObjectError, match="fetal_abdominal_circumferences_per_sweep.csv"):
-        archive.read_circumferences(str(tmp_path))
+        stacks.read_circumferences(str(tmp_path))
     write_csv(tmp_path, "")
     with pytest.raises(errors.EmptyFileError, match="fetal_abdominal_circumferences_per_sweep.csv"):
-        archive.read_circumferences(str(tmp_path))
+        stacks.read_circumferences(str(tmp_path))

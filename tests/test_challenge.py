@@ -1,5 +1,5 @@
-"""fetaliqa.challenge against answers worked out by hand from the challenge's own rules
-(DIAGNijmegen/ACOUSLIC-AI-evaluation-method; the rules are listed in fetaliqa/challenge.py's docstring).
+"""fetaliqa.evaluation.acouslic against answers worked out by hand from the challenge's own rules
+(DIAGNijmegen/ACOUSLIC-AI-evaluation-method; the rules are listed in fetaliqa/evaluation/acouslic.py's docstring).
 Each expected value carries a comment saying how it was obtained."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import REFERENCE_FOV_MASK
 
-from fetaliqa.challenge import (EMPTY_DICE, aggregate, circumference_mm, fov_from_images,
+from fetaliqa.evaluation.acouslic import (EMPTY_DICE, aggregate, circumference_mm, fov_from_images,
                                 nae, nearest_annotated_frame, read_fov_mask, score_case, soft_dice, wfss)
 
 H, W = 562, 744  # the challenge's frame size
@@ -80,7 +80,7 @@ def test_wfss_rules():
 
 def test_wfss_zero_without_annotation_even_when_nothing_is_selected():
     # The challenge's first rule: no annotated pixel in the case -> 0, abstaining included
-    # (fetaliqa.metrics.wfss scores that abstention 1).
+    # (fetaliqa.evaluation.metrics.wfss scores that abstention 1).
     empty = np.zeros((12, 4, 4), np.uint8)
     assert wfss(-1, empty) == 0.0
     assert wfss(4, empty) == 0.0

@@ -21,8 +21,9 @@ import pytest
 from conftest import REPO, run_cli
 from loopback_s3 import free_port
 
-from fetaliqa.archive import list_cases, read_image_stack
-from fetaliqa.score.schema import ERRORS, FRAMES, read_table
+from fetaliqa.inputs.stacks import list_cases, read_image_stack
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import ERRORS, FRAMES
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -156,7 +157,7 @@ def test_local_paths_on_two_nodes_are_refused_before_anything_is_written(cluster
 
 # Last in this module: it leaves the cluster with its head alone.
 def test_a_run_whose_worker_node_dies_midway_completes_or_its_rerun_does_exactly(cluster, cls_checkpoint, tmp_path):
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     archive, out = tmp_path / "archive", tmp_path / "out"
     write_synthetic_archive(str(archive), cases=24, frames_per_sweep=6, height=48, width=64, seed=2)

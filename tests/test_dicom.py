@@ -1,5 +1,5 @@
 """DICOM input: real files written with pydicom (and SimpleITK/GDCM for JPEG Lossless), read back by
-`fetaliqa.dicom`; expected pixels are known by construction or come from an independent decoder (PIL)."""
+`fetaliqa.inputs.dicom`; expected pixels are known by construction or come from an independent decoder (PIL)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from fetaliqa import errors, layout
-from fetaliqa.dicom import is_valid_uid, read_dicom_header, read_dicom_instance
-from fetaliqa.synth import synthetic_cases
-from fetaliqa.synth_dicom import BANNER_ROWS, SWEEP_ENCODINGS, region_box, study_uid_of, write_synthetic_dicom_archive
+from fetaliqa import errors
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.dicom import is_valid_uid, read_dicom_header, read_dicom_instance
+from fetaliqa.synthetic.archive import synthetic_cases
+from fetaliqa.synthetic.dicom import BANNER_ROWS, SWEEP_ENCODINGS, region_box, study_uid_of, write_synthetic_dicom_archive
 from jobs.synth import main as synth_main
 
 # Stored frames of ROWS x COLS with the imaging region at (TOP, LEFT), REGION_H x REGION_W, 16-aligned so that

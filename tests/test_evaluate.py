@@ -14,9 +14,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import own_stderr_lines
 
-from fetaliqa import challenge, layout
-from fetaliqa.archive import list_cases, read_circumferences, read_image_stack
-from fetaliqa.report import evaluate
+from fetaliqa.evaluation import acouslic
+from fetaliqa.evaluation.report import evaluate
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.stacks import list_cases, read_circumferences, read_image_stack
 from fetaliqa.score import ledger, schema
 
 from jobs import evaluate as evaluate_job
@@ -126,16 +127,17 @@ def test_hand_made_seg_run_gives_the_hand_computed_metrics(hand_archive, tmp_pat
     # alpha selects frame 4 (score 0.9): suboptimal while frame 5 is optimal -> 0.6; its 25 px mask inside the
     # 50 px annotation of frame 4 -> Dice 2 * 25 / 75; AC 180 against sweep 3's 200 -> 0.1
     assert (alpha["selected_frame"], alpha["selected_sweep"], alpha["selected_label"]) == (4, 3, "suboptimal")
-    assert alpha["wfss"] == pytest.approx(0.6)
-    assert alpha["soft_dice"] == pytest.approx(2 / 3)
-    assert alpha["nae_ac"] == pytest.approx(0.1) and alpha["reference_ac_mm"] == 200
+    assert alpha["selection_score"] == pytest.approx(0.6)
+    assert alpha["nearest_dice"] == pytest.approx(2 / 3)
+    assert alpha["relative_ac_error"] == pytest.approx(0.1) and alpha["reference_ac_mm"] == 200
     # beta abstains (its top score 0.3 is not positive) on an annotated case: WFSS 0, Dice 0, NAE 1
     # (its ac_mm 240 is ignored: nothing was selected to measure)
-    assert beta["selected_frame"] is None and (beta["wfss"], beta["soft_dice"], beta["nae_ac"]) == (0.0, 0.0, 1.0)
+    assert beta["selected_frame"] is None and (beta["selection_score"], beta["nearest_dice"], beta["relative_ac_error"]) == (
+        0.0, 0.0, 1.0)
     assert (beta["tp"], beta["fp"], beta["fn"]) == (0, 0, 1)
     aggregate = m["case_metrics"]["aggregate"]
     assert aggregate["cases"] == 2
-    assert (aggregate["wfss"], aggregate["soft_dice"], aggregate["nae_ac"]) == pytest.approx((0.3, 1 / 3, 0.55))
+    assert (aggregate["selection_score"], aggregate["nearest_dice"], aggregate["relative_ac_error"]) == pytest.approx((0.3, 1 / 3, 0.55))
 
     # every other case is listed with its reason
     assert {e["case_id"]: e["reason"] for e in m["excluded_cases"]} == {
@@ -148,23 +150,23 @@ def test_hand_made_seg_run_gives_the_hand_computed_metrics(hand_archive, tmp_pat
 def test_the_challenges_own_metrics_of_the_hand_made_seg_run(hand_archive, tmp_path):
     scores = str(tmp_path / "scores")
     write_run(scores, hand_archive)
-    acouslic = evaluate(scores, str(hand_archive)).metrics["acouslic"]
-    assert list(acouslic) == ["per_case", "aggregate", "fov"] and acouslic["fov"] == "derived from each case's frames"
-    alpha, beta = acouslic["per_case"]
+    section = evaluate(scores, str(hand_archive)).metrics["acouslic"]
+    assert list(section) == ["per_case", "aggregate", "fov"] and section["fov"] == "derived from each case's frames"
+    alpha, beta = section["per_case"]
     assert list(alpha) == ["case_id", "frame", "wfss", "soft_dice", "nae_ac", "ac_mm", "reference_ac_mm"]
     # alpha: frame 4, suboptimal while frame 5 is optimal -> 0.6. Its frames are all 40, so the derived FOV is the
     # whole frame: the 25 px mask inside the 50 px annotation -> 2/3. AC: the challenge's fit of that 5 x 5 square.
-    ac = challenge.circumference_mm(PRED_MASKS[("alpha", 4)], np.ones((H, W)))
+    ac = acouslic.circumference_mm(PRED_MASKS[("alpha", 4)], np.ones((H, W)))
     assert 2 < ac < 8  # mm: a circle of ~4-5 px across at 0.28 mm a pixel
     assert alpha == {"case_id": "alpha", "frame": 4, "wfss": 0.6, "soft_dice": pytest.approx(2 / 3),
                      "nae_ac": pytest.approx((200 - ac) / 200), "ac_mm": pytest.approx(ac), "reference_ac_mm": 200.0}
     # beta abstains (-1) on an annotated case: WFSS 0; the challenge measures the empty mask against the stack's
     # last frame, unannotated: SimpleITK's Dice of two empty masks, inf, written null; no AC, no sweep: NAE 1
-    assert challenge.EMPTY_DICE == float("inf")
+    assert acouslic.EMPTY_DICE == float("inf")
     assert beta == {"case_id": "beta", "frame": -1, "wfss": 0.0, "soft_dice": None, "nae_ac": 1.0, "ac_mm": None,
                     "reference_ac_mm": None}
     # the challenge's plain means carry the inf into the mean Dice and the score: null; the others are numbers
-    assert acouslic["aggregate"] == {"wfss": pytest.approx(0.3), "soft_dice": None,
+    assert section["aggregate"] == {"wfss": pytest.approx(0.3), "soft_dice": None,
                                      "nae_ac": pytest.approx((alpha["nae_ac"] + 1) / 2), "score": None}
 
 
@@ -234,9 +236,9 @@ def test_a_fov_mask_file_is_used_for_every_case_and_named(hand_archive, tmp_path
     alpha = m["acouslic"]["per_case"][0]
     # inside columns 0-7 the annotation of frame 4 and the mask are the same 5 x 3 px: Dice 1 (2/3 without the FOV)
     assert alpha["soft_dice"] == pytest.approx(1.0)
-    expected_ac = challenge.circumference_mm(PRED_MASKS[("alpha", 4)], fov)
+    expected_ac = acouslic.circumference_mm(PRED_MASKS[("alpha", 4)], fov)
     assert alpha["ac_mm"] == (None if expected_ac is None else pytest.approx(expected_ac))
-    assert m["case_metrics"]["per_case"][0]["soft_dice"] == pytest.approx(2 / 3)  # fetaliqa's own: no FOV
+    assert m["case_metrics"]["per_case"][0]["nearest_dice"] == pytest.approx(2 / 3)  # fetaliqa's own: no FOV
     assert f"file {fov_url}" in (out / "report.html").read_text()
     assert "ACOUSLIC-AI score inf (WFSS 0.300, Dice inf, NAE AC" in capsys.readouterr().out
 
@@ -260,8 +262,8 @@ def test_cls_run_has_no_dice_or_ac_and_the_report_goes_to_any_fsspec_url(hand_ar
     root = f"/{tmp_path.name}/scores/evaluation"
     m = json.loads(fs.cat(f"{root}/metrics.json"))
     assert m["run"]["task"] == "cls" and m["frame_metrics"]["f1"] == pytest.approx(4 / 7)
-    assert m["case_metrics"]["aggregate"] == {"cases": 2, "wfss": pytest.approx(0.3), "soft_dice": None,
-                                              "nae_ac": None}
+    assert m["case_metrics"]["aggregate"] == {"cases": 2, "selection_score": pytest.approx(0.3),
+                                              "nearest_dice": None, "relative_ac_error": None}
     # the challenge scores CLS too: alpha's frame 4 with an empty mask -> Dice 0 against its annotation, no AC
     assert m["acouslic"]["per_case"][0] == {"case_id": "alpha", "frame": 4, "wfss": 0.6, "soft_dice": 0.0,
                                             "nae_ac": 1.0, "ac_mm": None, "reference_ac_mm": 200.0}
@@ -269,7 +271,7 @@ def test_cls_run_has_no_dice_or_ac_and_the_report_goes_to_any_fsspec_url(hand_ar
     page = fs.cat(f"{root}/report.html").decode()
     assert "gamma" in page and "not_scored" in page and "soft Dice" not in page
     printed = capsys.readouterr().out
-    assert "2 cases, 24 frames: F1 0.571 (precision 0.667, recall 0.500), WFSS 0.300; 3 cases excluded" in printed
+    assert "2 cases, 24 frames: F1 0.571 (precision 0.667, recall 0.500), selection score 0.300; 3 cases excluded" in printed
     assert f"memory://{tmp_path.name}/scores/evaluation/report.html" in printed
     fs.rm(f"/{tmp_path.name}", recursive=True)
 
@@ -300,7 +302,8 @@ def test_scoring_then_evaluating_a_synthetic_archive(small_archive, seg_scores, 
     for key in ("f1", "precision", "recall", "auroc", "auprc", "best_f1", "tp", "fp", "tn", "fn"):
         assert key in m["frame_metrics"]
     for case in m["case_metrics"]["per_case"]:
-        assert {"wfss", "soft_dice", "nae_ac", "selected_frame"} <= set(case)
+        assert {"selection_score", "nearest_dice", "relative_ac_error", "selected_frame"} <= set(case)
+        assert not {"wfss", "soft_dice", "nae_ac"} & set(case)  # the challenge's names are only in "acouslic"
     # the challenge's metrics of the same selections; exported and evaluated as predictions, the same numbers
     assert [c["frame"] for c in m["acouslic"]["per_case"]] == [
         -1 if c["selected_frame"] is None else c["selected_frame"] for c in m["case_metrics"]["per_case"]]

@@ -12,10 +12,11 @@ import SimpleITK as sitk
 from conftest import own_stderr_lines
 from test_evaluate import GT, PRED_MASKS, H, T, W, hand_archive, write_run  # noqa: F401 (hand_archive: a fixture)
 
-from fetaliqa import challenge, cli
-from fetaliqa.archive import HEADER_BYTES, read_image_geometry
+from fetaliqa import cli
 from fetaliqa.errors import NotAnImageError
-from fetaliqa.export import FRAME_NUMBER, SEGMENTATION, PredictionError, read_prediction
+from fetaliqa.evaluation import acouslic
+from fetaliqa.evaluation.challenge_format import FRAME_NUMBER, SEGMENTATION, PredictionError, read_prediction
+from fetaliqa.inputs.stacks import HEADER_BYTES, read_image_geometry
 from jobs import evaluate as evaluate_job
 from jobs import export as export_job
 
@@ -101,8 +102,8 @@ def test_any_algorithms_predictions_are_scored_by_the_challenges_rules(hand_arch
     m = metrics_of(out)
     alpha, beta = m["acouslic"]["per_case"]
     ones = np.ones((H, W))
-    ac_alpha = challenge.circumference_mm(GT["alpha"][5] > 0, ones)
-    ac_beta = challenge.circumference_mm(GT["beta"][1] > 0, ones)
+    ac_alpha = acouslic.circumference_mm(GT["alpha"][5] > 0, ones)
+    ac_beta = acouslic.circumference_mm(GT["beta"][1] > 0, ones)
     assert 2 < ac_beta < ac_alpha < 12  # 4 and 10 px squares at 0.28 mm a pixel
     assert alpha == {"case_id": "alpha", "frame": 5, "wfss": 1.0, "soft_dice": pytest.approx(1.0),
                      "nae_ac": pytest.approx((200 - ac_alpha) / 200), "ac_mm": pytest.approx(ac_alpha),

@@ -1,4 +1,4 @@
-"""GPUs only where Ray gave them: the device and dtype rules of `fetaliqa.inference`, the CLS head's float32
+"""GPUs only where Ray gave them: the device and dtype rules of `fetaliqa.models.frame_model`, the CLS head's float32
 logits, no tensor built from host data per micro-batch, and the GPU actor pool of `jobs.score` run on a local
 Ray that declares a logical GPU while torch has no CUDA (this machine): two concurrent calls per actor on two
 threads, rows identical to the CPU pool's.
@@ -20,11 +20,12 @@ import torch
 from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fetaliqa.archive import read_image_stack
-from fetaliqa.inference import FrameModel, device_for_ray_gpus, inference_dtype, scoring_device
+from fetaliqa.inputs.stacks import read_image_stack
+from fetaliqa.models.frame_model import FrameModel, device_for_ray_gpus, inference_dtype, scoring_device
 from fetaliqa.preprocess import resize_frames
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.predict import CALL_LOG_ENV
-from fetaliqa.score.schema import CASES, FRAMES, read_table
+from fetaliqa.score.schema import CASES, FRAMES
 from jobs.score import GPU_CASES_PER_CALL, predictor_cases_per_call
 
 

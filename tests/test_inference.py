@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from fetaliqa.archive import read_image_stack
-from fetaliqa.inference import FrameModel, default_batch_size, pack_masks
+from fetaliqa.inputs.stacks import read_image_stack
 from fetaliqa.models import load_checkpoint
+from fetaliqa.models.frame_model import FrameModel, default_batch_size, pack_masks
 from fetaliqa.models.normalize import fold_normalization, normalize_frames
 from fetaliqa.preprocess import resize_frames
 from fetaliqa.score.predict import ScoreFrames

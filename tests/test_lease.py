@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import own_stderr_lines
 
-from fetaliqa import storage
+from fetaliqa.inputs import storage
 from fetaliqa.models import load_checkpoint
 from fetaliqa.score import lease, ledger, record
 from fetaliqa.score.lease import LEASE, Lease, LeaseHeldError, LeaseLostError

@@ -9,11 +9,12 @@ import os
 import pyarrow as pa
 import pytest
 
-from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.inputs import storage
 from fetaliqa.score import ledger, record
 from fetaliqa.score.lease import Lease, LeaseLostError
-from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, read_table
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA
 
 
 def part_tables(scored: list[str], failed: list[str], frames_per_case: int = 3) -> dict[str, pa.Table]:

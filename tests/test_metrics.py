@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from fetaliqa.metrics import (AREA_THRESHOLDS, aggregate_case_metrics, area_threshold_sweep,
+from fetaliqa.evaluation.metrics import (AREA_THRESHOLDS, aggregate_case_metrics, area_threshold_sweep,
                               best_f1_threshold, case_metrics, dice, format_paper_table,
-                              frame_labels, frame_metrics, mean_std_table, nae_ac,
-                              select_frame, soft_dice_with_nearest, wfss)
+                              frame_annotation_labels, frame_metrics, mean_std_table, relative_ac_error,
+                              select_frame_at_threshold, nearest_annotation_dice,
+                              selection_score)
 
 # Hand case. Sorted by score: 0.95 N, 0.9 P, 0.7 P, 0.55 N, 0.4 P, 0.3 N, 0.2 N, 0.1 N.
 LABELS = np.array([1, 1, 0, 0, 1, 0, 0, 0])
@@ -147,24 +148,24 @@ def test_frame_labels_per_frame_and_optimal_wins():
     masks[1, 0, 0] = 1
     masks[2, 1, 1] = 2
     masks[3, 0, 0], masks[3, 2, 2] = 1, 2  # should not happen; optimal wins as in the challenge
-    assert frame_labels(masks).tolist() == [0, 1, 2, 1]
+    assert frame_annotation_labels(masks).tolist() == [0, 1, 2, 1]
     with pytest.raises(ValueError):
-        frame_labels(np.full((1, 2, 2), 3, np.uint8))
+        frame_annotation_labels(np.full((1, 2, 2), 3, np.uint8))
 
 
-def test_wfss_every_branch():
+def test_selection_score_every_branch():
     with_optimal = np.array([0, 2, 1, 0])
     suboptimal_only = np.array([0, 2, 2, 0])
-    assert wfss(2, with_optimal) == 1.0     # optimal frame
-    assert wfss(1, with_optimal) == 0.6     # suboptimal while an optimal one exists
-    assert wfss(1, suboptimal_only) == 1.0  # suboptimal is the best available
-    assert wfss(0, with_optimal) == 0.0     # frame without annotation
-    assert wfss(0, np.zeros(4)) == 0.0      # ... also when the case has none
-    assert wfss(None, np.zeros(4)) == 1.0   # nothing selected, nothing to select
-    assert wfss(None, with_optimal) == 0.0  # nothing selected, something to select
-    assert wfss(None, suboptimal_only) == 0.0
+    assert selection_score(2, with_optimal) == 1.0     # optimal frame
+    assert selection_score(1, with_optimal) == 0.6     # suboptimal while an optimal one exists
+    assert selection_score(1, suboptimal_only) == 1.0  # suboptimal is the best available
+    assert selection_score(0, with_optimal) == 0.0     # frame without annotation
+    assert selection_score(0, np.zeros(4)) == 0.0      # ... also when the case has none
+    assert selection_score(None, np.zeros(4)) == 1.0   # nothing selected, nothing to select
+    assert selection_score(None, with_optimal) == 0.0  # nothing selected, something to select
+    assert selection_score(None, suboptimal_only) == 0.0
     with pytest.raises(ValueError):
-        wfss(-1, with_optimal)  # must not wrap around to the last frame
+        selection_score(-1, with_optimal)  # must not wrap around to the last frame
 
 
 # Two sweeps of 10 frames, 4 x 4 pixels. Selected frame 8 (sweep 0). Annotated: frame 4 (sweep 0,
@@ -176,72 +177,72 @@ GT[4] = square((4, 4), (0, 2), (0, 2), value=2)
 GT[11] = square((4, 4), (0, 2), (1, 3), value=1)
 
 
-def test_soft_dice_takes_the_nearest_annotated_frame_of_the_same_sweep():
+def test_nearest_dice_takes_the_nearest_annotated_frame_of_the_same_sweep():
     # frame 4, binarised (label 2 -> 1), against the prediction: 2 shared of 4 + 4 -> 0.5
-    assert soft_dice_with_nearest(8, PRED, GT, frames_per_sweep=10) == 0.5
-    assert soft_dice_with_nearest(8, PRED, GT, 10, window=4) == 0.5  # distance 4 is within 4
-    assert soft_dice_with_nearest(4, PRED, GT, 10) == 0.5            # the selected frame itself
-    assert soft_dice_with_nearest(12, PRED, GT, 10) == 1.0           # sweep 1: frame 11
+    assert nearest_annotation_dice(8, PRED, GT, frames_per_sweep=10) == 0.5
+    assert nearest_annotation_dice(8, PRED, GT, 10, window=4) == 0.5  # distance 4 is within 4
+    assert nearest_annotation_dice(4, PRED, GT, 10) == 0.5            # the selected frame itself
+    assert nearest_annotation_dice(12, PRED, GT, 10) == 1.0           # sweep 1: frame 11
 
 
-def test_soft_dice_beyond_the_window_is_zero():
-    assert soft_dice_with_nearest(8, PRED, GT, 10, window=3) == 0.0  # frame 4 at 4 > 3; 11 other sweep
+def test_nearest_dice_beyond_the_window_is_zero():
+    assert nearest_annotation_dice(8, PRED, GT, 10, window=3) == 0.0  # frame 4 at 4 > 3; 11 other sweep
 
 
-def test_soft_dice_tie_goes_to_the_earlier_frame():
+def test_nearest_dice_tie_goes_to_the_earlier_frame():
     gt = np.zeros((10, 4, 4), np.uint8)
     gt[3] = square((4, 4), (0, 2), (1, 3))  # equals PRED: Dice 1
     gt[7] = square((4, 4), (2, 4), (2, 4))  # disjoint from PRED: Dice 0
-    assert soft_dice_with_nearest(5, PRED, gt, 10) == 1.0  # 3 and 7 both at distance 2
+    assert nearest_annotation_dice(5, PRED, gt, 10) == 1.0  # 3 and 7 both at distance 2
 
 
-def test_soft_dice_when_nothing_is_selected():
-    assert soft_dice_with_nearest(None, PRED, GT, 10) == 0.0
-    assert soft_dice_with_nearest(None, PRED, np.zeros_like(GT), 10) == 1.0
+def test_nearest_dice_when_nothing_is_selected():
+    assert nearest_annotation_dice(None, PRED, GT, 10) == 0.0
+    assert nearest_annotation_dice(None, PRED, np.zeros_like(GT), 10) == 1.0
 
 
-def test_nae_ac_every_branch():
-    assert nae_ac(310.0, 300.0) == pytest.approx(10 / 300)  # 0.0333
-    assert nae_ac(290.0, 300.0) == pytest.approx(10 / 300)
-    assert nae_ac(None, 300.0) == 1.0
-    assert nae_ac(310.0, None) is None
-    assert nae_ac(None, None) is None
+def test_relative_ac_error_every_branch():
+    assert relative_ac_error(310.0, 300.0) == pytest.approx(10 / 300)  # 0.0333
+    assert relative_ac_error(290.0, 300.0) == pytest.approx(10 / 300)
+    assert relative_ac_error(None, 300.0) == 1.0
+    assert relative_ac_error(310.0, None) is None
+    assert relative_ac_error(None, None) is None
     with pytest.raises(ValueError):
-        nae_ac(310.0, 0.0)
+        relative_ac_error(310.0, 0.0)
 
 
 def test_case_metrics_and_aggregate_on_hand_cases():
-    # case A: highest score at frame 4 (suboptimal; the case has an optimal frame 11) -> wfss 0.6;
+    # case A: highest score at frame 4 (suboptimal; the case has an optimal frame 11) -> selection score 0.6;
     # Dice at frame 4 itself 0.5; NAE |310 - 300| / 300 = 0.0333
     scores = np.full(20, 0.1)
     scores[4] = 0.9
     a = case_metrics(scores, GT, PRED, 300.0, 310.0, 10, threshold=0.5)
     assert a["selected_frame"] == 4
-    assert (a["wfss"], a["soft_dice"]) == (0.6, 0.5)
-    assert a["nae_ac"] == pytest.approx(1 / 30)
-    # case B: every score below 0.5 -> nothing selected in an annotated case: wfss 0, Dice 0,
+    assert (a["selection_score"], a["nearest_dice"]) == (0.6, 0.5)
+    assert a["relative_ac_error"] == pytest.approx(1 / 30)
+    # case B: every score below 0.5 -> nothing selected in an annotated case: selection score 0, Dice 0,
     # and the AC it passed is ignored: NAE 1
     b = case_metrics(np.full(20, 0.2), GT, np.zeros((4, 4), bool), 300.0, 300.0, 10, threshold=0.5)
-    assert b == {"selected_frame": None, "wfss": 0.0, "soft_dice": 0.0, "nae_ac": 1.0}
-    # case C (CLS, no mask, no reference AC): selects the optimal frame 11 -> wfss 1; others None
+    assert b == {"selected_frame": None, "selection_score": 0.0, "nearest_dice": 0.0, "relative_ac_error": 1.0}
+    # case C (CLS, no mask, no reference AC): selects the optimal frame 11 -> selection score 1; others None
     scores = np.zeros(20)
     scores[11] = 0.7
     c = case_metrics(scores, GT, None, None, None, 10, threshold=0.5)
-    assert c == {"selected_frame": 11, "wfss": 1.0, "soft_dice": None, "nae_ac": None}
-    # means ignoring None: wfss (0.6 + 0 + 1) / 3 = 0.5333; Dice (0.5 + 0) / 2 = 0.25;
+    assert c == {"selected_frame": 11, "selection_score": 1.0, "nearest_dice": None, "relative_ac_error": None}
+    # means ignoring None: selection score (0.6 + 0 + 1) / 3 = 0.5333; Dice (0.5 + 0) / 2 = 0.25;
     # NAE (0.0333 + 1) / 2 = 0.5167
     summary = aggregate_case_metrics([a, b, c])
     assert summary["cases"] == 3
-    assert summary["wfss"] == pytest.approx(1.6 / 3)
-    assert summary["soft_dice"] == pytest.approx(0.25)
-    assert summary["nae_ac"] == pytest.approx((1 / 30 + 1) / 2)
-    assert aggregate_case_metrics([c])["nae_ac"] is None
+    assert summary["selection_score"] == pytest.approx(1.6 / 3)
+    assert summary["nearest_dice"] == pytest.approx(0.25)
+    assert summary["relative_ac_error"] == pytest.approx((1 / 30 + 1) / 2)
+    assert aggregate_case_metrics([c])["relative_ac_error"] is None
 
 
 def test_select_frame_takes_the_first_highest_score_at_or_above_the_threshold():
-    assert select_frame([0.2, 0.8, 0.8, 0.1], 0.5) == 1  # tie: the first
-    assert select_frame([0.2, 0.5, 0.3], 0.5) == 1       # >= like frame_metrics
-    assert select_frame([0.2, 0.49, 0.3], 0.5) is None
+    assert select_frame_at_threshold([0.2, 0.8, 0.8, 0.1], 0.5) == 1  # tie: the first
+    assert select_frame_at_threshold([0.2, 0.5, 0.3], 0.5) == 1       # >= like frame_metrics
+    assert select_frame_at_threshold([0.2, 0.49, 0.3], 0.5) is None
 
 
 def test_case_metrics_refuses_scores_of_another_length():

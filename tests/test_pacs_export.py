@@ -2,7 +2,7 @@
 
 The export is hand-built with pydicom's `FileSet` (the DICOMDIR writer): two file sets, each a DICOMDIR beside
 patient / study / series folders whose files are named IM000000, IM000001, ... in every series folder. Among
-three good studies (the synthetic cases of `fetaliqa.synth_dicom`) sit a header declaring a 1 TB image, a file
+three good studies (the synthetic cases of `fetaliqa.synthetic.dicom`) sit a header declaring a 1 TB image, a file
 with a bad StudyInstanceUID and a truncated file, the three bad files holding names that repeat elsewhere.
 """
 
@@ -19,12 +19,13 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from fetaliqa.errors import InputError
-from fetaliqa.export import read_prediction, write_prediction
+from fetaliqa.evaluation.challenge_format import read_prediction, write_prediction
 from fetaliqa.score import ledger
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.read import list_archive, listing_notes, read_case_row
-from fetaliqa.score.schema import CASES, ERRORS, read_table
-from fetaliqa.synth import synthetic_cases
-from fetaliqa.synth_dicom import encode_sweep, study_uid_of
+from fetaliqa.score.schema import CASES, ERRORS
+from fetaliqa.synthetic.archive import synthetic_cases
+from fetaliqa.synthetic.dicom import encode_sweep, study_uid_of
 
 from jobs import score as score_job
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from fetaliqa.archive import list_cases, read_case, read_circumferences
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.inputs.stacks import list_cases, read_case, read_circumferences
 from fetaliqa.training.data import case_items, read_frames
 from fetaliqa.training.protocol import (
     SPLIT_FILE,
-    frame_labels,
+    frame_targets,
     load_split,
     PAPER_SEED,
     make_split,
@@ -42,8 +42,8 @@ def test_frame_labels_are_mask_present():
     masks = np.zeros((4, 5, 6), np.uint8)
     masks[1, 2, 3] = 1  # optimal, one pixel
     masks[3, :, :] = 2  # suboptimal, everywhere
-    assert frame_labels(masks).tolist() == [0, 1, 0, 1]
-    assert frame_labels(masks).dtype == np.uint8
+    assert frame_targets(masks).tolist() == [0, 1, 0, 1]
+    assert frame_targets(masks).dtype == np.uint8
 
 
 def test_selected_frames_are_the_frames_of_the_given_sweeps():
@@ -53,7 +53,7 @@ def test_selected_frames_are_the_frames_of_the_given_sweeps():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     root = tmp_path_factory.mktemp("protocol-archive")
     write_synthetic_archive(str(root), cases=6, frames_per_sweep=5, height=48, width=64, seed=5)

@@ -68,7 +68,8 @@ def test_the_readme_benchmark_commands_parse():
 
 def test_the_readme_snippets_read_a_real_scoring_output(cls_scores):
     """The "Reading the outputs" snippet (pyarrow, pandas, DuckDB) runs as written on a real run's output."""
-    from fetaliqa.score.schema import CASES, FRAMES, read_table
+    from fetaliqa.score.ledger import read_table
+    from fetaliqa.score.schema import CASES, FRAMES
 
     out = cls_scores
     snippets = re.findall(r"```python\n(.*?)```", README, flags=re.S)

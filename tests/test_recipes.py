@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from conftest import own_stderr_lines
 
-from fetaliqa.archive import list_cases, read_case, read_circumferences
+from fetaliqa.inputs.stacks import list_cases, read_case, read_circumferences
 from fetaliqa.preprocess import resize_frames
 from fetaliqa.score.read import read_case_row
 from fetaliqa.training.augment import pad_to_square
 from fetaliqa.training.data import case_items, read_paper_frames
-from fetaliqa.training.evaluate import evaluate
+from fetaliqa.training.holdout import evaluate
 from fetaliqa.training.outputs import results_markdown
 from fetaliqa.training.protocol import PAPER_SEED, make_split, selected_frames
 from fetaliqa.training.recipes import RECIPES
@@ -26,7 +26,7 @@ from jobs import train as train_job
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     root = tmp_path_factory.mktemp("paper-archive")
     write_synthetic_archive(str(root), cases=10, frames_per_sweep=4, height=36, width=48, seed=2)

@@ -15,11 +15,12 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO, own_stderr_lines, run_cli
 
-from fetaliqa.archive import list_cases, read_image_stack
+from fetaliqa.inputs.stacks import list_cases, read_image_stack
 from fetaliqa.models import load_checkpoint
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.predict import KILL_ONCE_ENV, ScoreFrames
 from fetaliqa.score.read import read_case_row
-from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA, read_table
+from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA
 
 from jobs import score as score_job
 

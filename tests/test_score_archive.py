@@ -22,10 +22,11 @@ from loopback_s3 import request_kind
 
 from fetaliqa.errors import InputError
 from fetaliqa.score import ledger
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.predict import ScoreFrames
 from fetaliqa.score.read import LISTING_SCHEMA, CaseReader, list_archive, read_case_row
-from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
-from fetaliqa.synth import write_synthetic_archive
+from fetaliqa.score.schema import CASES, ERRORS, FRAMES
+from fetaliqa.synthetic.archive import write_synthetic_archive
 
 from jobs import score as score_job
 

@@ -12,11 +12,12 @@ import pydicom
 import pytest
 from pydicom.uid import MPEG4HP41
 
-from fetaliqa import layout
+from fetaliqa.inputs import layout
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.read import list_archive, listing_notes, read_case_row
-from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA, read_table
-from fetaliqa.synth import write_synthetic_archive
-from fetaliqa.synth_dicom import DICOM_DIR, study_uid_of, write_synthetic_dicom_archive
+from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA
+from fetaliqa.synthetic.archive import write_synthetic_archive
+from fetaliqa.synthetic.dicom import DICOM_DIR, study_uid_of, write_synthetic_dicom_archive
 
 from jobs import score as score_job
 
@@ -157,8 +158,8 @@ def test_instances_of_different_sizes_keep_their_own_native_size(tmp_path):
     """Sweep 1 at 40 x 48 and sweep 2 at 56 x 64 in one study: each is resized on its own, and a SEG mask goes
     back to its own sweep's size (an all-ones model mask covers exactly that sweep's region)."""
     from fetaliqa.score.write import summarise_cases
-    from fetaliqa.synth import synthetic_cases
-    from fetaliqa.synth_dicom import encode_sweep
+    from fetaliqa.synthetic.archive import synthetic_cases
+    from fetaliqa.synthetic.dicom import encode_sweep
 
     small, large = (next(synthetic_cases(1, 2, h, w, seed=9)) for h, w in ((40, 48), (56, 64)))
     assert small.case_id == large.case_id  # the id is drawn before the frames: one study
@@ -181,8 +182,8 @@ def test_instances_of_different_sizes_keep_their_own_native_size(tmp_path):
 
 def test_without_spacing_ac_stays_null_and_the_case_says_why(tmp_path):
     from fetaliqa.score.write import summarise_cases
-    from fetaliqa.synth import synthetic_cases
-    from fetaliqa.synth_dicom import encode_sweep
+    from fetaliqa.synthetic.archive import synthetic_cases
+    from fetaliqa.synthetic.dicom import encode_sweep
 
     case = next(synthetic_cases(1, 2, 40, 48, seed=9))
     path = tmp_path / "1.dcm"

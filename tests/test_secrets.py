@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import S3_ENV, run_cli
 
-from fetaliqa import errors, layout
+from fetaliqa import errors
+from fetaliqa.inputs import layout
 from fetaliqa.redact import public_url, redact_text
-from fetaliqa.score.schema import CASES, ERRORS, read_table
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import CASES, ERRORS
 from fetaliqa.score.write import summarise_cases
 
 SIGNED_S3 = ("https://bucket.s3.amazonaws.com/archive/images/stacked_fetal_ultrasound/c1.nii.gz?X-Amz-Algorithm="
@@ -122,7 +124,7 @@ def _texts(path: Path) -> list[str]:
 
 
 def test_presigned_manifest_scores_and_leaks_no_signature(s3_server, s3_endpoint, s3_bucket, cls_checkpoint, tmp_path):
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     bucket, options = s3_bucket
     ids = write_synthetic_archive(f"{bucket}/archive", cases=3, frames_per_sweep=4, height=40, width=50, seed=1,

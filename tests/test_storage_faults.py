@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from fault_proxy import FAULTS, FaultProxy
 
-from fetaliqa import storage
 from fetaliqa.errors import InputError
+from fetaliqa.inputs import storage
 from fetaliqa.score import ledger
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.read import read_case_row
-from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
-from fetaliqa.synth import write_synthetic_archive
+from fetaliqa.score.schema import CASES, ERRORS, FRAMES
+from fetaliqa.synthetic.archive import write_synthetic_archive
 
 from jobs import score as score_job
 

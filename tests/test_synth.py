@@ -16,12 +16,12 @@ import torch
 from conftest import REFERENCE_FOV_MASK as REFERENCE_FOV
 from sklearn.metrics import roc_auc_score
 
-from fetaliqa import layout
 from fetaliqa.ellipse import ramanujan_perimeter
+from fetaliqa.inputs import layout
 from fetaliqa.models import build_model
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.preprocess import resize_frames
-from fetaliqa.synth import (_ABDOMEN_AC, _ABDOMEN_OFF, _HEAD, _fov_mask, _plan_frames, _plan_lookalikes,
+from fetaliqa.synthetic.archive import (_ABDOMEN_AC, _ABDOMEN_OFF, _HEAD, _fov_mask, _plan_frames, _plan_lookalikes,
                             write_synthetic_archive)
 from jobs.demo import DEMO_MODEL
 

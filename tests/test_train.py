@@ -11,15 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fetaliqa.archive import list_cases, read_circumferences
-from fetaliqa.metrics import best_f1_threshold
+from fetaliqa.evaluation.metrics import best_f1_threshold
+from fetaliqa.inputs.stacks import list_cases, read_circumferences
 from fetaliqa.models import LoraSpec, build_model, load_checkpoint
 from fetaliqa.models.normalize import normalize_frames
-from fetaliqa.score.schema import FRAMES, read_table
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import FRAMES
 from fetaliqa.training.data import case_items, read_frames
 from fetaliqa.training.loop import KILL_ONCE_ENV, LoopConfig, train_loop_per_worker
-from fetaliqa.training.step import cls_loss, run_epoch
 from fetaliqa.training.protocol import load_split
+from fetaliqa.training.step import cls_loss, run_epoch
 
 from jobs import score as score_job
 from jobs import train as train_job
@@ -30,7 +31,7 @@ MODEL = "fetalclip-tiny"
 @pytest.fixture(scope="module")
 def train_archive(tmp_path_factory) -> Path:
     """10 cases of 6 x 8 frames of 70 x 93 pixels: one or two sweeps with an AC each."""
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     root = tmp_path_factory.mktemp("train-archive")
     write_synthetic_archive(str(root), cases=10, frames_per_sweep=8, height=70, width=93, seed=3)
@@ -116,7 +117,7 @@ def test_cls_run_survives_a_killed_worker_exports_its_best_epoch_and_is_not_retr
 def test_seg_run_of_the_paper_recipe_from_and_to_object_storage(ray_local, s3_bucket):
     import s3fs
 
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     bucket, options = s3_bucket
     data, out = f"{bucket}/archive", f"{bucket}/run"

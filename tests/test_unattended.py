@@ -9,9 +9,10 @@ import os
 import pytest
 from conftest import run_cli
 
-from fetaliqa.archive import list_cases
+from fetaliqa.inputs.stacks import list_cases
+from fetaliqa.score.ledger import read_table
 from fetaliqa.score.read import KILL_READ_ENV
-from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
+from fetaliqa.score.schema import CASES, ERRORS, FRAMES
 
 from jobs import common
 from jobs import score as score_job
@@ -23,7 +24,7 @@ def frame_keys(output: str) -> list[tuple[str, int]]:
 
 
 def test_a_case_that_kills_its_read_worker_every_time_costs_its_task_not_the_run(tmp_path, cls_checkpoint):
-    from fetaliqa.synth import write_synthetic_archive
+    from fetaliqa.synthetic.archive import write_synthetic_archive
 
     archive, out = tmp_path / "archive", str(tmp_path / "out")
     # 40 cases on a local Ray of 8 logical CPUs: 32 read tasks, some of two cases, so a death can take a neighbour.

@@ -26,7 +26,7 @@ from fetaliqa.models.encoders import (
     read_state_dict,
     tower_state,
 )
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs.storage import StorageOptions
 
 TIMM_PREFIX = "timm:"
 

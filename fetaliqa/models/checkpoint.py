@@ -20,10 +20,10 @@ import torch
 
 import fetaliqa
 from fetaliqa.errors import BadUrlError, CheckpointError
+from fetaliqa.inputs.storage import StorageOptions, describe_io_error, filesystem, join
 from fetaliqa.models.baselines import check_model_name
 from fetaliqa.models.encoders import LoraSpec, PreprocessSpec, is_lora_key, state_problems
 from fetaliqa.models.iqa import TASKS, TRAINABLE, IQAModel, ModelSpec, build_model
-from fetaliqa.storage import StorageOptions, describe_io_error, filesystem, join
 
 FORMAT_VERSION = 1
 META_FILE = "fetaliqa.json"

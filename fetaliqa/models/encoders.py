@@ -23,8 +23,8 @@ from open_clip.transformer import VisionTransformer
 from peft import LoraConfig, inject_adapter_in_model
 
 from fetaliqa.errors import InputError, WeightsError
+from fetaliqa.inputs.storage import StorageOptions, local_copy
 from fetaliqa.preprocess import resize_by
-from fetaliqa.storage import StorageOptions, local_copy
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)  # once, at import: `fetalclip` and `fetalclip-tiny` by name

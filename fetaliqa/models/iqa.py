@@ -43,8 +43,8 @@ from fetaliqa.models.encoders import (
     preprocess_spec,
     seg_block_indices,
 )
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.models.heads import UnetrDecoder
-from fetaliqa.storage import StorageOptions
 
 TASKS = ("cls", "seg")
 # "lora": frozen encoder + LoRA + head; "linear": frozen encoder + head; "full": everything trains.

@@ -2,7 +2,7 @@
 
 ```
 list_archive (driver, once, streaming)   -> (case_id, source, instances) table, minus the cases already committed
-                                            (DICOM: headers grouped into studies by dicom_listing)
+                                            (DICOM: headers grouped into studies by inputs.dicom_studies)
   | ReadCases      read.CaseReader        CPU tasks: fsspec GET -> SimpleITK or pydicom -> (T, 224, 224) uint8, one block a case
   | ScoreFrames    predict.ScoreFrames    actors holding the model (GPU or CPU): scores (T,), SEG masks bit-packed
   | summarise_cases  write                CPU, beside the actor: masks to native size, areas, PNGs, AC, case summary

@@ -51,11 +51,11 @@ from collections.abc import Iterator
 import fsspec.asyn
 import psutil
 
-from fetaliqa import storage
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.redact import public_url
 from fetaliqa.score.schema import LEDGER_DIR
-from fetaliqa.storage import StorageOptions
 
 log = logging.getLogger("fetaliqa")
 

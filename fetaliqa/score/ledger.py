@@ -51,12 +51,13 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from fetaliqa import storage
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.score import lease
-from fetaliqa.score.schema import ERRORS_SCHEMA, LEDGER_DIR, ROW_GROUP_ROWS, RUN_RECORD, TABLES, part_name
-from fetaliqa.storage import StorageOptions
+from fetaliqa.score.schema import ERRORS_SCHEMA, LEDGER_DIR, ROW_GROUP_ROWS, RUN_RECORD, SCHEMAS, TABLES, part_name
 
 PARTS_DIR = f"{LEDGER_DIR}/parts"
 
@@ -215,3 +216,18 @@ def record_lost_cases(output_url: str, run_id: str, todo: pa.Table, storage_opti
         "run_id": pa.repeat(run_id, lost.num_rows)}, schema=ERRORS_SCHEMA)
     write_part(output_url, f"{run_id}-lost", {"errors": errors}, [], lost["case_id"].to_pylist(), storage_options)
     return lost.num_rows
+
+
+def read_table(output_url: str, table: str, storage_options: StorageOptions = None) -> pa.Table:
+    """Read one of `frames`, `cases`, `errors` whole, committed parts only (an empty table if none).
+
+    Files of an interrupted run that no commit record names are left out, so this reads a consistent
+    output even before a rerun has cleaned them up.
+    """
+    schema = SCHEMAS[table]
+    files = committed_files(output_url, table, storage_options)
+    if not files:
+        return schema.empty_table()
+    fs, root = storage.filesystem(output_url, storage_options)
+    paths = [f"{root}/{f}" for f in files]  # the ledger's names are relative, '/'-separated
+    return ds.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table()

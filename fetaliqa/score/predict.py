@@ -9,8 +9,8 @@ import threading
 
 import numpy as np
 
-from fetaliqa.inference import FrameModel
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs.storage import StorageOptions
+from fetaliqa.models.frame_model import FrameModel
 
 # Fault injection for tests: when set to a path that does not exist yet, the predictor creates it and
 # kills its own process in the middle of a batch (received, not yet returned), once, so a test can see Ray
@@ -33,7 +33,7 @@ class ScoreFrames:
     on its way to `summarise_cases`. The frames of all cases of a batch are scored end to end in
     micro-batches of `batch_size` (None: 256 on a GPU, 32 on CPU, resolved on the actor, whose device the
     driver may not have); see `FrameModel` for the one copy to the device and back per batch. `device`: None
-    scores on the GPU Ray assigned this actor, if any, else on the CPU (`fetaliqa.inference.scoring_device`).
+    scores on the GPU Ray assigned this actor, if any, else on the CPU (`fetaliqa.models.frame_model.scoring_device`).
     A plain callable: it scores a dict of numpy arrays without Ray; two threads may call it at once.
     """
 

@@ -15,8 +15,8 @@ million cases) and nothing else per case. Inputs:
   `.txt` (one a line; blank lines and `#` comments skipped), `.csv` (a header; the `uri` column, else
   the first), `.parquet` (the `uri` column, else the first);
 - one image file, or one DICOM file.
-DICOM files (`fetaliqa.dicom.is_dicom_candidate` names in a folder, any non-image entry of a manifest) are
-grouped into studies from their headers (`fetaliqa.score.dicom_listing`): a study is one case whose
+DICOM files (`fetaliqa.inputs.dicom.is_dicom_candidate` names in a folder, any non-image entry of a manifest) are
+grouped into studies from their headers (`fetaliqa.inputs.dicom_studies`): a study is one case whose
 `instances` are its sweeps in order; DICOMDIR files are skipped with a note; a file that is not DICOM, has a
 bad header or StudyInstanceUID, or is too large is listed as already failed (`error`, `message` set, `case_id`
 its URI, never its name, which repeats across folders), so that it gets its `errors/` row without being read.
@@ -51,14 +51,15 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from fetaliqa import layout, storage
-from fetaliqa.archive import read_image_stack
-from fetaliqa.dicom import is_dicom_candidate, read_dicom_instance
 from fetaliqa.errors import InputError, MissingObjectError, StudyFailedError
-from fetaliqa.layout import SWEEPS_PER_CASE
+from fetaliqa.inputs import layout
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.dicom import is_dicom_candidate, read_dicom_instance
+from fetaliqa.inputs.dicom_studies import list_dicom_studies
+from fetaliqa.inputs.layout import SWEEPS_PER_CASE
+from fetaliqa.inputs.stacks import read_image_stack
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import IMAGE_SIZE, resize_by
-from fetaliqa.score.dicom_listing import list_dicom_studies
-from fetaliqa.storage import StorageOptions
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 URI_COLUMN = "uri"

@@ -25,11 +25,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import ray
 
-from fetaliqa import __version__, storage
+from fetaliqa import __version__
 from fetaliqa.errors import FetaliqaError
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.redact import public_url
+from fetaliqa.score.ledger import holds_table_files
 from fetaliqa.score.schema import RUN_RECORD
-from fetaliqa.storage import StorageOptions
 
 log = logging.getLogger("fetaliqa")
 
@@ -126,8 +128,6 @@ class ProgressLog:
 def begin(input_url: str, output_url: str, checkpoint_url: str, meta: dict, overwrite: bool,
           storage_options: StorageOptions = None) -> dict:
     """This run's record, after checking the output's identity (unless `overwrite`)."""
-    from fetaliqa.score.ledger import holds_table_files
-
     previous = read_record(output_url, storage_options)
     if not overwrite:
         check_identity(output_url, previous, meta["checkpoint_id"])

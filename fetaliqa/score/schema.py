@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from fetaliqa import storage
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.storage import StorageOptions
 
 FRAMES_SCHEMA = pa.schema([
     ("case_id", pa.string()),
@@ -72,22 +72,3 @@ def table_url(output_url: str, table: str) -> str:
 
 def part_name(part: str) -> str:
     return f"{part}.parquet"
-
-
-def read_table(output_url: str, table: str, storage_options: StorageOptions = None) -> pa.Table:
-    """Read one of `frames`, `cases`, `errors` whole, committed parts only (an empty table if none).
-
-    Files of an interrupted run that no commit record names are left out, so this reads a consistent
-    output even before a rerun has cleaned them up.
-    """
-    import pyarrow.dataset as ds
-
-    from fetaliqa.score.ledger import committed_files
-
-    schema = SCHEMAS[table]
-    files = committed_files(output_url, table, storage_options)
-    if not files:
-        return schema.empty_table()
-    fs, root = storage.filesystem(output_url, storage_options)
-    paths = [f"{root}/{f}" for f in files]  # the ledger's names are relative, '/'-separated
-    return ds.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table()

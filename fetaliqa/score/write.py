@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from fetaliqa.ellipse import circumference_mm
+from fetaliqa.ellipse import mask_circumference_mm
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import mask_to_native
 from fetaliqa.redact import redact_text
 from fetaliqa.score import ledger
 from fetaliqa.score.schema import CASES_SCHEMA, ERRORS, ERRORS_SCHEMA, FRAMES, FRAMES_SCHEMA, CASES
-from fetaliqa.storage import StorageOptions
 
 # One summarised case: the per-frame lists the writer flattens into `frames/` and the `cases/` fields.
 CASE_ROW_SCHEMA = pa.schema([
@@ -89,7 +89,7 @@ def _summarise_case(batch: dict[str, np.ndarray], i: int, threshold: float, side
             if positive[f]:
                 png[f] = _png(native)
             if f == best and sweep["spacing"] is not None:  # no spacing: ac_mm stays null, `note` says why
-                ac_mm = circumference_mm(native, tuple(sweep["spacing"]))
+                ac_mm = mask_circumference_mm(native, tuple(sweep["spacing"]))
     return row | {"score": scores, "positive": positive, "mask_area": area, "mask_png": png,
                   "sweep": (sweep_index + 1).astype(np.int8),
                   "sop_instance_uid": [sweeps[j]["sop_instance_uid"] for j in sweep_index] if dicom else [None] * n,

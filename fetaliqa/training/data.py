@@ -18,13 +18,13 @@ import numpy as np
 import ray
 from ray.data import Dataset, RandomSeedConfig
 
-from fetaliqa import layout
-from fetaliqa.archive import CaseRef, read_case
 from fetaliqa.errors import FetaliqaError, MissingMaskError
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.stacks import CaseRef, read_case
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import mask_to_model, resize_frames
-from fetaliqa.storage import StorageOptions
 from fetaliqa.training.augment import augment_batch, paper_copies
-from fetaliqa.training.protocol import PARTS, Split, frame_labels, selected_frames
+from fetaliqa.training.protocol import PARTS, Split, frame_targets, selected_frames
 
 AUGMENT_BATCH = 64  # frames per augmentation task: a few MB, enough to amortise the task overhead
 
@@ -58,7 +58,7 @@ def read_frames(batch: dict[str, np.ndarray], with_masks: bool, storage_options:
         "case_id": np.full(len(frames), case.case_id, dtype=object),
         "sweep": (frames // (n_frames // layout.SWEEPS_PER_CASE) + 1).astype(np.int8),
         "frame": frames.astype(np.int32),
-        "label": frame_labels(masks[frames]),
+        "label": frame_targets(masks[frames]),
         "image": resize_frames(stack.frames[frames]),
     }
     if with_masks:

@@ -20,9 +20,9 @@ import json
 import pyarrow.fs
 from ray.train import Checkpoint
 
-from fetaliqa.metrics import format_paper_table, mean_std_table
+from fetaliqa.evaluation.metrics import format_paper_table, mean_std_table
+from fetaliqa.inputs.storage import StorageOptions, filesystem, is_local, join
 from fetaliqa.models import PreprocessSpec, load_checkpoint, save_checkpoint
-from fetaliqa.storage import StorageOptions, filesystem, is_local, join
 
 RAY_RUN = "ray"  # Ray Train's run name: the folder of its checkpoints under <trial>
 CHECKPOINT_DIR = "checkpoint"

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fetaliqa import layout
 from fetaliqa.errors import FetaliqaError
-from fetaliqa.storage import StorageOptions, filesystem, join
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.storage import StorageOptions, filesystem, join
 
 SPLIT_FILE = "split.json"
 FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test (the paper's)
@@ -102,7 +102,7 @@ def selected_frames(sweeps: list[int], n_frames: int) -> np.ndarray:
     return np.concatenate([np.arange(s * per_sweep, (s + 1) * per_sweep, dtype=np.int64) for s in sorted(sweeps)])
 
 
-def frame_labels(masks: np.ndarray) -> np.ndarray:
+def frame_targets(masks: np.ndarray) -> np.ndarray:
     """Label per frame: (N, H, W) uint8 mask stack -> (N,) uint8, 1 where the mask holds any abdomen (> 0)."""
     return masks.reshape(len(masks), -1).any(axis=1).astype(np.uint8)
 

@@ -1,4 +1,4 @@
-"""The synthetic archive of `fetaliqa.synth` written as DICOM studies, as screening archives hold sweeps.
+"""The synthetic archive of `fetaliqa.synthetic.archive` written as DICOM studies, as screening archives hold sweeps.
 
 Each case becomes one study (StudyInstanceUID = ``2.25.<the case uuid as an integer>``, `study_uid_of`) of
 six US Multi-frame instances, one per sweep, in one series (SeriesNumber 1, InstanceNumber = sweep,
@@ -35,9 +35,9 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
-from fetaliqa import layout
-from fetaliqa.storage import StorageOptions, filesystem, is_local, put_object
-from fetaliqa.synth import SPACING_MM, SyntheticCase, put_csv, put_volume, synthetic_cases
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.storage import StorageOptions, filesystem, is_local, put_object
+from fetaliqa.synthetic.archive import SPACING_MM, SyntheticCase, put_csv, put_volume, synthetic_cases
 
 DICOM_DIR = "dicom"
 # (transfer syntax, photometric interpretation) of sweeps 1, 2, 3, then again for 4, 5, 6.
@@ -73,7 +73,7 @@ def write_synthetic_dicom_archive(
     seed: int = 0,
     storage_options: StorageOptions = None,
 ) -> list[str]:
-    """Write the cases `fetaliqa.synth.write_synthetic_archive` writes for the same arguments, as DICOM
+    """Write the cases `fetaliqa.synthetic.archive.write_synthetic_archive` writes for the same arguments, as DICOM
     studies with their labels (layout in the module docstring); return the StudyInstanceUIDs in case order.
     """
     fs, root = filesystem(out_url, storage_options)

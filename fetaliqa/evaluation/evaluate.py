@@ -1,9 +1,9 @@
 """Evaluate against an archive's annotations: a scoring run (`evaluate`) or challenge-format predictions
-(`evaluate_predictions`); `fetaliqa.report` writes the results as `metrics.json` and `report.html`.
+(`evaluate_predictions`); `fetaliqa.evaluation.report` writes the results as `metrics.json` and `report.html`.
 
 ```
 <scores>/frames/, cases/, errors/       (a `fetaliqa score` run)  -+
-  or <predictions>/<case_id>/...        (`fetaliqa.export` format) |
+  or <predictions>/<case_id>/...        (`fetaliqa.evaluation.challenge_format` format) |
 <data>/masks/stacked_fetal_abdomen/     (ground truth)             +-> evaluate() -> Evaluation
 <data>/circumferences/...csv            (reference AC per sweep)  -+        |
                                                                       report.write_report(output)
@@ -16,11 +16,13 @@ checkpoint's threshold, which the output does not store and need not: `positive`
 measures (AUROC, AUPRC, the PR curve) use `score`, and the threshold that would maximise F1 on these very
 frames is reported for information only (it is chosen on the test set, so it is not a result).
 
-Case metrics (`fetaliqa.metrics.case_metrics`): the method selects a case's highest-scoring frame when that
+Case metrics (`fetaliqa.evaluation.metrics.case_metrics`): the method selects a case's highest-scoring frame when that
 frame is positive, else abstains. SEG runs (whose `mask_area` is set) are scored on the selected frame's
 mask (`mask_png`, or an empty mask where the frame is not positive) and on AC (`cases/ac_mm`) against the
 csv's AC of the selected frame's sweep; an abstaining case is scored against its first sweep with an AC
-(NAE 1 if it has one). CLS runs have neither mask nor AC: soft Dice and NAE are null.
+(relative AC error 1 if it has one). CLS runs have neither mask nor AC: nearest_dice and relative_ac_error
+are null. metrics.json's "case_metrics" holds these under fetaliqa's own names (selection_score,
+nearest_dice, relative_ac_error); the challenge's wfss, soft_dice and nae_ac are only in "acouslic".
 
 Paper-comparable frame metrics (`frame_metrics_paper`, a second table beside the all-frames one): the
 frames, labels and decision rule of the FetalCLIP-IQA paper's code, so its F1 0.757 (CLS) / 0.771 (SEG) can
@@ -38,13 +40,13 @@ be set beside a run's:
   {"frames", "cases", "rule", "n", "positives", "tp", "fp", "tn", "fn", "accuracy", "precision", "recall",
    "f1", "specificity", "pixel_f_score" (SEG; null for CLS)}
 
-The challenge's own metrics (`fetaliqa.challenge`, rule for rule: leaderboard numbers) are metrics.json's
+The challenge's own metrics (`fetaliqa.evaluation.acouslic`, rule for rule: leaderboard numbers) are metrics.json's
 "acouslic" section, for a run and for predictions alike:
   {"per_case": [{"case_id", "frame", "wfss", "soft_dice", "nae_ac", "ac_mm", "reference_ac_mm"}, ...],
    "aggregate": {"wfss", "soft_dice", "nae_ac", "score"}, "fov": "file <url>" | "derived from each case's frames"}
-A run's prediction of a case is `fetaliqa.export.run_prediction` (the frame above, -1 when abstaining; the
+A run's prediction of a case is `fetaliqa.evaluation.challenge_format.run_prediction` (the frame above, -1 when abstaining; the
 frame's mask for SEG, an empty mask for CLS). The FOV mask is the `--fov-mask` file for every case, or
-derived per case from its image stack (`challenge.fov_from_images`; reads each image, ~1 s a full-size
+derived per case from its image stack (`acouslic.fov_from_images`; reads each image, ~1 s a full-size
 case). JSON holds no inf or NaN, so such values are written as null: the challenge's Dice of an empty truth
 against an empty prediction is SimpleITK's inf (an abstaining case whose last frame is unannotated; an empty
 mask on an unannotated frame, e.g. every CLS selection of one), so that case's soft_dice is null, and since
@@ -74,12 +76,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from fetaliqa import challenge, export, layout, metrics, storage
-from fetaliqa.archive import CaseRef, list_cases, read_circumferences, read_image_stack, read_mask_stack
 from fetaliqa.errors import InputError
+from fetaliqa.evaluation import acouslic
+from fetaliqa.evaluation import challenge_format
+from fetaliqa.evaluation import metrics
+from fetaliqa.inputs import layout
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.stacks import CaseRef, list_cases, read_circumferences, read_image_stack, read_mask_stack
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import IMAGE_SIZE, mask_to_model
-from fetaliqa.score.schema import CASES, ERRORS, FRAMES, read_table
-from fetaliqa.storage import StorageOptions
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import CASES, ERRORS, FRAMES
 
 LABEL_NAMES = {layout.MASK_BACKGROUND: "none", layout.MASK_OPTIMAL: "optimal", layout.MASK_SUBOPTIMAL: "suboptimal"}
 FOV_DERIVED = "derived from each case's frames"
@@ -142,7 +149,7 @@ class Fov:
         """Read a 2-D FOV mask (any file SimpleITK reads; the challenge's is fov_mask.mha) from any fsspec URL."""
         with storage.local_copy(url, storage_options) as local:
             try:
-                array = challenge.read_fov_mask(local)
+                array = acouslic.read_fov_mask(local)
             except RuntimeError as err:
                 raise InputError(url, "not an image SimpleITK reads (expected a 2-D FOV mask)") from err
             except ValueError as err:
@@ -168,14 +175,14 @@ class Fov:
             raise _Excluded("image_error", f"FOV not derived: {err}") from err
         if frames.shape[1:] != tuple(shape):
             raise _Excluded("frames_mismatch", f"image frames {frames.shape[1:]}; mask frames {tuple(shape)}")
-        return challenge.fov_from_images(frames)
+        return acouslic.fov_from_images(frames)
 
 
 def acouslic_case(case_id: str, labels: np.ndarray, frame: int, mask: np.ndarray, reference_acs: list,
                   fov: np.ndarray) -> dict:
-    """`challenge.score_case` of one case with its id: labels (T, H, W) uint8 in {0, 1, 2}, frame -1..T-1,
+    """`acouslic.score_case` of one case with its id: labels (T, H, W) uint8 in {0, 1, 2}, frame -1..T-1,
     mask (H, W) bool, reference_acs 6 values (None where missing), fov (H, W). inf is kept here."""
-    return {"case_id": case_id, **challenge.score_case(labels, mask, frame, reference_acs, fov)}
+    return {"case_id": case_id, **acouslic.score_case(labels, mask, frame, reference_acs, fov)}
 
 
 def _json_value(value):
@@ -183,16 +190,16 @@ def _json_value(value):
 
 
 def acouslic_section(per_case: list[dict], fov: Fov) -> dict:
-    """metrics.json's "acouslic": per-case values, `challenge.aggregate` of them, the FOV's source; inf and
+    """metrics.json's "acouslic": per-case values, `acouslic.aggregate` of them, the FOV's source; inf and
     NaN written as null (module docstring)."""
-    aggregate = challenge.aggregate(per_case)
+    aggregate = acouslic.aggregate(per_case)
     return {"per_case": [{key: _json_value(case[key]) for key in ACOUSLIC_CASE_KEYS} for case in per_case],
             "aggregate": {key: _json_value(value) for key, value in aggregate.items()}, "fov": fov.source}
 
 
 def paper_frames(gt: np.ndarray, rows: dict, reference_acs: list, is_seg: bool) -> PaperFrames:
     """The frames of a case's AC sweeps as the paper counts them. gt (T, H, W) uint8 labels; rows: the
-    case's `export.group_frames` entry; reference_acs: 6 values, None where a sweep has no AC."""
+    case's `challenge_format.group_frames` entry; reference_acs: 6 values, None where a sweep has no AC."""
     per_sweep = len(gt) // layout.SWEEPS_PER_CASE
     frames = np.concatenate([np.arange(s * per_sweep, (s + 1) * per_sweep)
                              for s, ac in enumerate(reference_acs) if ac is not None] or [np.zeros(0, int)])
@@ -205,7 +212,7 @@ def paper_frames(gt: np.ndarray, rows: dict, reference_acs: list, is_seg: bool) 
         for i, frame in enumerate(frames):
             if rows["png"][frame].is_valid:  # frames without a PNG predict nothing (module docstring)
                 try:
-                    native = export.selected_mask(rows, int(frame), gt.shape[1:])
+                    native = challenge_format.selected_mask(rows, int(frame), gt.shape[1:])
                 except ValueError as err:
                     raise _Excluded("mask_png", str(err)) from err
                 predicted[i] = mask_to_model(native[None].astype(np.uint8), IMAGE_SIZE)[0]
@@ -260,9 +267,9 @@ def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = N
     errors = read_table(scores_url, ERRORS, so)
     archive = {c.case_id: c for c in list_cases(data_url, so)}
     circumferences, ac_note = _circumferences(data_url, so)
-    is_seg = export.is_seg_run(frames)
+    is_seg = challenge_format.is_seg_run(frames)
 
-    rows = export.group_frames(frames)
+    rows = challenge_format.group_frames(frames)
     excluded = _unscored_cases(archive, cases, errors)
     traces, per_case, acouslic, paper = [], [], [], []
     for case in sorted(cases.to_pylist(), key=lambda c: c["case_id"]):
@@ -381,13 +388,13 @@ def _evaluate_case(case: dict, rows: dict | None, case_ref, circumferences: dict
     # the method selects its top frame when that frame is positive: a threshold that says just that
     top = int(np.argmax(scores))
     threshold = -np.inf if positive[top] else np.inf
-    selected = export.select_frame(scores, positive)
+    selected = challenge_format.select_positive_frame(scores, positive)
     try:
-        mask = export.selected_mask(rows, selected, gt.shape[1:])
+        mask = challenge_format.selected_mask(rows, selected, gt.shape[1:])
     except ValueError as err:
         raise _Excluded("mask_png", str(err)) from err
     reference = circumferences.get(case_id, [None] * layout.SWEEPS_PER_CASE)
-    challenge_result = acouslic_case(case_id, gt, export.NO_FRAME if selected is None else selected, mask,
+    challenge_result = acouslic_case(case_id, gt, challenge_format.NO_FRAME if selected is None else selected, mask,
                                      reference, fov.for_case(case_ref, gt.shape[1:], storage_options))
     pred_mask = predicted_ac = reference_ac = None
     if is_seg:
@@ -397,7 +404,7 @@ def _evaluate_case(case: dict, rows: dict | None, case_ref, circumferences: dict
                         else (known[0] if known else None))
     result = metrics.case_metrics(scores, gt, pred_mask, reference_ac, predicted_ac, n // layout.SWEEPS_PER_CASE,
                                   threshold=threshold)
-    labels = metrics.frame_labels(gt)
+    labels = metrics.frame_annotation_labels(gt)
     truth = labels > 0
     per_case = {
         "case_id": case_id, "frames": n, "gt_positive_frames": int(truth.sum()),
@@ -407,7 +414,8 @@ def _evaluate_case(case: dict, rows: dict | None, case_ref, circumferences: dict
         "selected_sweep": None if selected is None else layout.sweep_of_frame(selected, n) + 1,
         "selected_label": None if selected is None else LABEL_NAMES[int(labels[selected])],
         "top_score": float(scores[top]),
-        "wfss": result["wfss"], "soft_dice": result["soft_dice"], "nae_ac": result["nae_ac"],
+        "selection_score": result["selection_score"], "nearest_dice": result["nearest_dice"],
+        "relative_ac_error": result["relative_ac_error"],
         "predicted_ac_mm": None if predicted_ac is None or selected is None else float(predicted_ac),
         "reference_ac_mm": reference_ac,
     }
@@ -427,7 +435,7 @@ def _count_reasons(excluded: list[dict]) -> dict[str, int]:
 
 def evaluate_predictions(predictions_url: str, data_url: str, storage_options: StorageOptions = None,
                          fov: Fov | None = None) -> Evaluation:
-    """The challenge's metrics of challenge-format predictions (`fetaliqa.export`) against an archive.
+    """The challenge's metrics of challenge-format predictions (`fetaliqa.evaluation.challenge_format`) against an archive.
 
     Every archive case is looked for as `<predictions_url>/<case_id>/`; sub-folders that are no archive case
     are excluded as `not_in_archive`. Returns an `Evaluation` without traces whose metrics are
@@ -436,17 +444,17 @@ def evaluate_predictions(predictions_url: str, data_url: str, storage_options: S
     """
     so, fov = storage_options, fov or Fov()
     archive = list_cases(data_url, so)
-    predicted = export.list_predictions(predictions_url, so)
+    predicted = challenge_format.list_predictions(predictions_url, so)
     circumferences, ac_note = _circumferences(data_url, so)
     per_case, excluded = [], []
     for case in archive:
         try:
             per_case.append(_evaluate_prediction(case, predictions_url, predicted, circumferences, fov, so))
         except _Excluded as why:
-            excluded.append({"case_id": case.case_id, "source": export.case_url(predictions_url, case.case_id),
+            excluded.append({"case_id": case.case_id, "source": challenge_format.case_url(predictions_url, case.case_id),
                              "reason": why.reason, "message": why.message})
     for case_id in sorted(predicted - {case.case_id for case in archive}):
-        excluded.append({"case_id": case_id, "source": export.case_url(predictions_url, case_id),
+        excluded.append({"case_id": case_id, "source": challenge_format.case_url(predictions_url, case_id),
                          "reason": "not_in_archive",
                          "message": f"predicted case {case_id} is not in the --data archive"})
     if not per_case:
@@ -465,11 +473,11 @@ def _evaluate_prediction(case: CaseRef, predictions_url: str, predicted: set[str
                          storage_options: StorageOptions) -> dict:
     """The challenge's metrics of one case's prediction; `_Excluded` with the reason when there are none."""
     if case.case_id not in predicted:
-        raise _Excluded("not_predicted", f"no folder {export.case_url(predictions_url, case.case_id)}/")
+        raise _Excluded("not_predicted", f"no folder {challenge_format.case_url(predictions_url, case.case_id)}/")
     _check_ref(case, case.case_id)
     labels = _read_truth(case, storage_options)
     try:
-        frame, mask = export.read_prediction(predictions_url, case.case_id, labels.shape, storage_options)
+        frame, mask = challenge_format.read_prediction(predictions_url, case.case_id, labels.shape, storage_options)
     except InputError as err:
         raise _Excluded("prediction_error", str(err)) from err
     reference = circumferences.get(case.case_id, [None] * layout.SWEEPS_PER_CASE)

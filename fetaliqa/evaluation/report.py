@@ -1,9 +1,9 @@
-"""Write an evaluation (`fetaliqa.evaluation`) as `metrics.json`, PNG plots and `report.html` at any fsspec URL.
+"""Write an evaluation (`fetaliqa.evaluation.evaluate`) as `metrics.json`, PNG plots and `report.html` at any fsspec URL.
 
 A scoring run's report: run info, headline frame metrics, confusion matrix, PR curve, per-sweep and per-case
 tables, score traces, the ACOUSLIC-AI challenge's metrics, excluded cases. Challenge-format predictions
 have no frame scores: their report holds the run info, the challenge's metrics and the excluded cases.
-`evaluate`, `Evaluation` and `CaseTrace` are re-exported from `fetaliqa.evaluation`.
+`evaluate`, `Evaluation` and `CaseTrace` are re-exported from `fetaliqa.evaluation.evaluate`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import json
 
 import numpy as np
 
-from fetaliqa import layout, storage
-from fetaliqa.evaluation import CaseTrace, Evaluation, Fov, evaluate, evaluate_predictions
-from fetaliqa.storage import StorageOptions
+from fetaliqa.evaluation.evaluate import CaseTrace, Evaluation, Fov, evaluate, evaluate_predictions
+from fetaliqa.inputs import layout
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.storage import StorageOptions
 
 __all__ = ["CaseTrace", "Evaluation", "Fov", "evaluate", "evaluate_predictions", "write_report", "MAX_CASE_PLOTS"]
 
@@ -112,8 +113,8 @@ def trace_png(trace: CaseTrace, case: dict | None = None, seg: bool = False) -> 
     axes[-1, 0].set_xlabel("frame (index in the stack)")
     title = f"case {trace.case_id}"
     if case:
-        title += "   WFSS " + _fmt(case["wfss"]) + "   soft Dice " + _fmt(case["soft_dice"]) + \
-                 "   NAE AC " + _fmt(case["nae_ac"])
+        title += ("   selection score " + _fmt(case["selection_score"]) + "   nearest Dice "
+                  + _fmt(case["nearest_dice"]) + "   relative AC error " + _fmt(case["relative_ac_error"]))
     fig.suptitle(title, fontsize=9)
     handles = [Patch(color="tab:green", alpha=0.3, label="annotated optimal"),
                Patch(color="tab:orange", alpha=0.3, label="annotated suboptimal"),
@@ -233,7 +234,7 @@ def render_html(document: dict, traces: list[CaseTrace]) -> str:
             name = f"traces_{_safe_name(trace.case_id)}.png"
             parts.append(f"<figure><img src='{esc(name)}' alt='score traces of case {esc(trace.case_id)}'>"
                          f"<figcaption>Case {esc(trace.case_id)}.</figcaption></figure>")
-    parts.append("<p class='note'>The case metrics above (headline and per case) follow fetaliqa.metrics, whose "
+    parts.append("<p class='note'>The case metrics above (headline and per case) follow fetaliqa.evaluation.metrics, whose "
                  "rules differ from the ACOUSLIC-AI challenge's own evaluation code in places (see its "
                  "documentation): they are not leaderboard numbers. The next section's are.</p>")
     parts += [_acouslic_html(document["acouslic"]), _excluded_html(document["excluded_cases"]), "</body></html>"]
@@ -269,7 +270,7 @@ def _acouslic_html(section: dict) -> str:
                  _mm(c["ac_mm"]), _mm(c["reference_ac_mm"]), c["nae_ac"]] for c in section["per_case"]]
     return "\n".join([
         "<h2>ACOUSLIC-AI challenge metrics</h2>",
-        "<p>Computed as the challenge's own evaluation code computes them (fetaliqa.challenge): leaderboard "
+        "<p>Computed as the challenge's own evaluation code computes them (fetaliqa.evaluation.acouslic): leaderboard "
         f"numbers, means over the {len(per_case)} cases evaluated. <b>Field of view</b>: "
         f"{html.escape(section['fov'])}.</p>",
         _table(["metric", "value", "what it means"],
@@ -298,11 +299,13 @@ def _headline_rows(frame: dict, aggregate: dict, seg: bool) -> list[list]:
             ["accuracy", frame["accuracy"], "share of frames classified correctly"],
             ["AUROC", frame["auroc"], "threshold-free ranking quality of the scores (0.5 is chance)"],
             ["AUPRC", frame["auprc"], f"area under the precision-recall curve (chance: {frame['positives'] / frame['n']:.3f})"],
-            ["WFSS", aggregate["wfss"], "mean weighted frame selection score per case: 1 optimal frame selected, "
-                                        "0.6 suboptimal, 0 unannotated"]]
+            ["selection score", aggregate["selection_score"], "fetaliqa's mean frame selection score per case: 1 "
+             "optimal frame selected, 0.6 suboptimal, 0 unannotated (the challenge's WFSS is below)"]]
     if seg:
-        rows += [["soft Dice", aggregate["soft_dice"], "overlap of the selected frame's mask with the nearest annotated mask"],
-                 ["NAE of AC", aggregate["nae_ac"], "abdominal circumference error relative to the reference (0 is perfect)"]]
+        rows += [["nearest Dice", aggregate["nearest_dice"],
+                  "overlap of the selected frame's mask with the nearest annotated mask (fetaliqa's rule)"],
+                 ["relative AC error", aggregate["relative_ac_error"],
+                  "abdominal circumference error relative to the reference (0 is perfect; fetaliqa's rule)"]]
     return rows
 
 
@@ -338,14 +341,14 @@ def _confusion_html(frame: dict) -> str:
 
 def _per_case_html(per_case: list[dict], seg: bool) -> str:
     header = ["case", "frames", "annotated", "predicted", "TP", "FP", "FN", "selected frame", "sweep",
-              "its annotation", "WFSS"]
+              "its annotation", "selection score"]
     rows = [[c["case_id"], c["frames"], c["gt_positive_frames"], c["predicted_positive_frames"], c["tp"], c["fp"],
              c["fn"], "none" if c["selected_frame"] is None else c["selected_frame"], c["selected_sweep"],
-             c["selected_label"], c["wfss"]] for c in per_case]
+             c["selected_label"], c["selection_score"]] for c in per_case]
     if seg:
-        header += ["soft Dice", "AC (mm)", "reference AC (mm)", "NAE AC"]
+        header += ["nearest Dice", "AC (mm)", "reference AC (mm)", "relative AC error"]
         for row, c in zip(rows, per_case):
-            row += [c["soft_dice"], _mm(c["predicted_ac_mm"]), _mm(c["reference_ac_mm"]), c["nae_ac"]]
+            row += [c["nearest_dice"], _mm(c["predicted_ac_mm"]), _mm(c["reference_ac_mm"]), c["relative_ac_error"]]
     return _table(header, rows)
 
 

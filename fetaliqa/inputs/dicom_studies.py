@@ -1,11 +1,11 @@
 """Group the DICOM files of a listing into studies (cases) from their headers, before any pixel is read.
 
-A case is a study: `case_id` = StudyInstanceUID (a valid UID: `fetaliqa.dicom.is_valid_uid`); its sweeps are its
+A case is a study: `case_id` = StudyInstanceUID (a valid UID: `fetaliqa.inputs.dicom.is_valid_uid`); its sweeps are its
 multi-frame instances in `InstanceHeader.sort_key` order (SeriesNumber, InstanceNumber, acquisition time).
 Headers are read in a pool of `HEADER_THREADS` threads on the driver, each stopping before the pixel data (one
 or two ranged GETs an object): header reads are I/O-bound, and ~1 ms of parsing each puts 10^5 files at a
 couple of minutes of one core. The listing holds headers only, never pixel data, and its threads share no
-process-global state (`fetaliqa.dicom` finds truncation without catching warnings).
+process-global state (`fetaliqa.inputs.dicom` finds truncation without catching warnings).
 
 What cannot be a sweep does not stop the listing:
 - a file named DICOMDIR (any case), or whose header says Media Storage Directory Storage, is skipped with a
@@ -24,9 +24,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fetaliqa.dicom import InstanceHeader, is_dicomdir_name, read_dicom_header
 from fetaliqa.errors import DicomDirectoryError, InputError, StudyFailedError
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs.dicom import InstanceHeader, is_dicomdir_name, read_dicom_header
+from fetaliqa.inputs.storage import StorageOptions
 
 HEADER_THREADS = 32
 

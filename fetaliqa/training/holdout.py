@@ -10,10 +10,10 @@ import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 from ray.train import Checkpoint
 
-from fetaliqa.inference import FrameModel
-from fetaliqa.metrics import area_threshold_sweep, best_f1_threshold, dice, frame_metrics, pooled_f_score
+from fetaliqa.evaluation.metrics import area_threshold_sweep, best_f1_threshold, dice, frame_metrics, pooled_f_score
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.models import DEFAULT_THRESHOLD
-from fetaliqa.storage import StorageOptions
+from fetaliqa.models.frame_model import FrameModel
 
 SCORE_BATCH = 64  # frames per forward pass
 
@@ -48,7 +48,7 @@ def score_frames(frames: Dataset, checkpoint: Checkpoint, actors: int = 1, use_g
                  storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
     """Score every frame of `frames` with `checkpoint`: the columns of `FrameScorer`'s output, as arrays.
     `use_gpu`: each actor reserves a GPU and scores on it; else on the CPU, even on a GPU node
-    (`fetaliqa.inference.scoring_device`)."""
+    (`fetaliqa.models.frame_model.scoring_device`)."""
     scored = frames.map_batches(FrameScorer, fn_constructor_kwargs={"checkpoint": checkpoint,
                                                                    "storage_options": storage_options},
                                 batch_size=SCORE_BATCH, compute=ActorPoolStrategy(min_size=1, max_size=actors),

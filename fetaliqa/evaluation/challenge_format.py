@@ -27,11 +27,12 @@ import numpy as np
 import pyarrow as pa
 import SimpleITK as sitk
 
-from fetaliqa import storage
-from fetaliqa.archive import read_image_geometry
 from fetaliqa.errors import InputError
-from fetaliqa.score.schema import CASES, FRAMES, read_table
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs import storage
+from fetaliqa.inputs.stacks import read_image_geometry
+from fetaliqa.inputs.storage import StorageOptions
+from fetaliqa.score.ledger import read_table
+from fetaliqa.score.schema import CASES, FRAMES
 
 SEGMENTATION = "fetal-abdomen-segmentation.mha"
 FRAME_NUMBER = "fetal-abdomen-frame-number.json"
@@ -68,7 +69,7 @@ def is_seg_run(frames: pa.Table) -> bool:
     return frames.num_rows > 0 and frames["mask_area"].null_count < frames.num_rows
 
 
-def select_frame(scores: np.ndarray, positive: np.ndarray) -> int | None:
+def select_positive_frame(scores: np.ndarray, positive: np.ndarray) -> int | None:
     """fetaliqa's selection from a case's (T,) scores and (T,) bool predictions: the highest-scoring frame
     (the first on a tie) when it is positive, else None (the method abstains)."""
     top = int(np.argmax(scores))
@@ -91,7 +92,7 @@ def selected_mask(rows: dict, frame: int | None, shape: tuple[int, int]) -> np.n
 
 def run_prediction(rows: dict, shape: tuple[int, int]) -> tuple[int, np.ndarray]:
     """A fetaliqa run's challenge prediction of one case: (frame, (H, W) bool mask), frame -1 for none."""
-    frame = select_frame(rows["score"], rows["positive"])
+    frame = select_positive_frame(rows["score"], rows["positive"])
     return (NO_FRAME if frame is None else frame), selected_mask(rows, frame, shape)
 
 

@@ -1,18 +1,20 @@
-"""Metrics, pure functions on numpy arrays: frame classification (CLS and SEG) and ACOUSLIC-AI cases.
+"""fetaliqa's metrics, pure functions on numpy arrays: frame classification (CLS and SEG) and cases.
 
 Frame metrics score every frame: labels (N,) bool or 0/1 (a frame is positive when its mask is
 non-empty), scores (N,) float in [0, 1]. A frame is predicted positive when `score >= threshold`;
 every threshold in this module (frame scores, SEG area fractions) uses that same `>=`.
 
-Case metrics score the ONE frame a method selects per case, and its mask, as the ACOUSLIC-AI challenge
-does: the weighted frame selection score (WFSS), the Dice of the selected mask against the nearest
-annotated frame ("soft Dice" in the challenge's words) and the normalised absolute error of the
-abdominal circumference (NAE). The rules used are stated in each docstring. They differ from the
-challenge's own evaluation code (DIAGNijmegen/ACOUSLIC-AI-evaluation-method) in places, so these
-numbers are not leaderboard numbers: that code scores WFSS 0 when a case has no annotation at all, even
-when nothing is selected; weights the nearest-frame Dice by (1 - distance / 15) and masks both masks
-with the FOV; divides the AC error by max(reference, prediction); and scores NAE 1 when the reference
-is missing.
+Case metrics score the ONE frame a method selects per case, and its mask, in the spirit of the ACOUSLIC-AI
+challenge but by fetaliqa's own rules, and under names of their own so that they cannot be mistaken for
+the challenge's (`fetaliqa.evaluation.acouslic`: `wfss`, `soft_dice`, `nae_ac`, leaderboard numbers):
+- `selection_score`: the challenge's WFSS weights (1 optimal, 0.6 suboptimal beside an optimal frame), but
+  abstaining on a case with no annotation at all scores 1 (the challenge: 0);
+- `nearest_dice`: Dice of the selected mask against the nearest annotated frame of its sweep within 15
+  frames, unweighted and without the FOV (the challenge weights it by 1 - distance / 15 and masks both
+  masks with the FOV);
+- `relative_ac_error`: |predicted - reference| / reference, None without a reference (the challenge divides
+  by max(reference, prediction) and scores 1 without a reference).
+The rules are stated in each docstring.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from sklearn.metrics import (accuracy_score, average_precision_score, confusion_
                              precision_recall_curve, precision_recall_fscore_support, recall_score,
                              roc_auc_score)
 
-from fetaliqa.layout import MASK_BACKGROUND, MASK_OPTIMAL, MASK_SUBOPTIMAL
+from fetaliqa.inputs.layout import MASK_BACKGROUND, MASK_OPTIMAL, MASK_SUBOPTIMAL
 
 # SEG: a frame is positive when its predicted mask covers >= this fraction of the image; 0.1% to 5%.
 AREA_THRESHOLDS = np.round(np.arange(0.001, 0.0501, 0.001), 4)
 FRAME_TOLERANCE = 15  # the challenge's window, in frames, for the nearest annotated frame
-CASE_METRIC_KEYS = ("wfss", "soft_dice", "nae_ac")
+CASE_METRIC_KEYS = ("selection_score", "nearest_dice", "relative_ac_error")
 # (key in a metrics dict, column header) of the paper's results table
 PAPER_COLUMNS = (("accuracy", "acc"), ("f1", "F1"), ("precision", "precision"), ("recall", "recall"))
 TRAINABLE_COLUMN = ("trainable_parameters", "trainable")
@@ -193,7 +195,7 @@ def format_paper_table(rows: dict) -> str:
 
 # ---------------------------------------------------------------- ACOUSLIC-AI case metrics
 
-def frame_labels(gt_masks: np.ndarray) -> np.ndarray:
+def frame_annotation_labels(gt_masks: np.ndarray) -> np.ndarray:
     """Per-frame label (T,) uint8 of a mask stack (T, H, W) uint8 in {0, 1, 2}.
 
     A frame holds one abdomen, so one non-zero label; were both present, optimal (1) wins, as in the
@@ -211,7 +213,7 @@ def frame_labels(gt_masks: np.ndarray) -> np.ndarray:
     return labels
 
 
-def select_frame(scores: np.ndarray, threshold: float) -> int | None:
+def select_frame_at_threshold(scores: np.ndarray, threshold: float) -> int | None:
     """The frame a method selects from its scores (T,): the highest-scoring one (the first on a tie),
     or None when even that scores below `threshold`."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -224,11 +226,11 @@ def _check_frame(frame: int, n_frames: int) -> None:
         raise ValueError(f"selected frame {frame} outside 0..{n_frames - 1}")
 
 
-def wfss(selected_frame: int | None, gt_labels: np.ndarray) -> float:
+def selection_score(selected_frame: int | None, gt_labels: np.ndarray) -> float:
     """Weighted frame selection score of one case.
 
     selected_frame : 0-based frame index, or None when the method says no frame is measurable.
-    gt_labels : (T,) int array in {0, 1, 2}, each frame's mask label (`frame_labels`).
+    gt_labels : (T,) int array in {0, 1, 2}, each frame's mask label (`frame_annotation_labels`).
     Returns a float, by this rule: 1.0 for an optimal frame; for a suboptimal frame 0.6 when the case has an
     optimal frame, 1.0 when it has none (the suboptimal frame is then the best available); 0.0 for a
     frame without annotation. With nothing selected: 1.0 when the case has no annotated frame at all
@@ -246,7 +248,7 @@ def wfss(selected_frame: int | None, gt_labels: np.ndarray) -> float:
     return 0.0
 
 
-def soft_dice_with_nearest(selected_frame: int | None, pred_mask: np.ndarray, gt_masks: np.ndarray,
+def nearest_annotation_dice(selected_frame: int | None, pred_mask: np.ndarray, gt_masks: np.ndarray,
                            frames_per_sweep: int, window: int = FRAME_TOLERANCE) -> float:
     """Dice of the selected frame's mask against the nearest annotated frame of the same sweep.
 
@@ -282,7 +284,7 @@ def soft_dice_with_nearest(selected_frame: int | None, pred_mask: np.ndarray, gt
     return dice(pred_mask, gt_masks[nearest] != MASK_BACKGROUND)
 
 
-def nae_ac(predicted_mm: float | None, reference_mm: float | None) -> float | None:
+def relative_ac_error(predicted_mm: float | None, reference_mm: float | None) -> float | None:
     """Normalised absolute error |predicted - reference| / reference of the abdominal circumference.
 
     predicted_mm, reference_mm : float (mm) or None. Returns None when the reference is missing (not
@@ -300,7 +302,7 @@ def nae_ac(predicted_mm: float | None, reference_mm: float | None) -> float | No
 def case_metrics(scores: np.ndarray, gt_masks: np.ndarray, pred_mask_of_best: np.ndarray | None,
                  reference_ac_mm: float | None, predicted_ac_mm: float | None, frames_per_sweep: int,
                  *, threshold: float, window: int = FRAME_TOLERANCE) -> dict:
-    """Challenge metrics of one case: the method selects its highest-scoring frame.
+    """fetaliqa's case metrics of one case: the method selects its highest-scoring frame.
 
     Parameters
     ----------
@@ -309,34 +311,34 @@ def case_metrics(scores: np.ndarray, gt_masks: np.ndarray, pred_mask_of_best: np
     pred_mask_of_best : (H, W) bool mask of the selected frame (SEG); None for a method without masks
         (CLS). A SEG method that selects nothing should pass an empty mask, not None, so that its
         abstention is scored.
-    reference_ac_mm : reference AC of the selected frame's sweep (find it with `select_frame`), or
+    reference_ac_mm : reference AC of the selected frame's sweep (find it with `select_frame_at_threshold`), or
         None where the sweep has none.
     predicted_ac_mm : the method's AC of the selected frame, or None.
     frames_per_sweep : K; frame f lies in sweep f // K.
     threshold : no frame is selected when the highest score is below it.
-    window : see `soft_dice_with_nearest`.
+    window : see `nearest_annotation_dice`.
 
     Returns
     -------
-    dict: selected_frame (`select_frame`), wfss, soft_dice (None without a predicted mask) and
-    nae_ac (None without a reference). A method that selects nothing measures nothing: its predicted
+    dict: selected_frame (`select_frame_at_threshold`), selection_score, nearest_dice (None without a
+    predicted mask) and relative_ac_error (None without a reference). A method that selects nothing measures nothing: its predicted
     AC is ignored.
     """
     if np.shape(scores) != (len(gt_masks),):
         raise ValueError(f"scores {np.shape(scores)} do not match {len(gt_masks)} mask frames")
-    selected = select_frame(scores, threshold)
+    selected = select_frame_at_threshold(scores, threshold)
     soft = (None if pred_mask_of_best is None else
-            soft_dice_with_nearest(selected, pred_mask_of_best, gt_masks, frames_per_sweep, window))
+            nearest_annotation_dice(selected, pred_mask_of_best, gt_masks, frames_per_sweep, window))
     return {"selected_frame": selected,
-            "wfss": wfss(selected, frame_labels(gt_masks)),
-            "soft_dice": soft,
-            "nae_ac": nae_ac(predicted_ac_mm if selected is not None else None, reference_ac_mm)}
+            "selection_score": selection_score(selected, frame_annotation_labels(gt_masks)),
+            "nearest_dice": soft,
+            "relative_ac_error": relative_ac_error(predicted_ac_mm if selected is not None else None, reference_ac_mm)}
 
 
 def aggregate_case_metrics(cases: list[dict]) -> dict:
     """Mean of each case metric over cases, ignoring None; None where no case has a value.
 
-    cases : dicts from `case_metrics`. Returns {"cases": count, "wfss", "soft_dice", "nae_ac": means}.
+    cases : dicts from `case_metrics`. Returns {"cases": count, "selection_score", "nearest_dice", "relative_ac_error": means}.
     """
     summary = {"cases": len(cases)}
     for key in CASE_METRIC_KEYS:

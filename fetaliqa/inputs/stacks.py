@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from fetaliqa import layout, storage
+from fetaliqa.inputs import layout
+from fetaliqa.inputs import storage
 from fetaliqa.errors import (
     BadDtypeError,
     BadFrameCountError,
@@ -43,7 +44,7 @@ from fetaliqa.errors import (
     TooLargeError,
     TruncatedFileError,
 )
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs.storage import StorageOptions
 
 LIST_SUFFIX = ".txt"
 _SUFFIXES_TEXT = ", ".join(layout.IMAGE_SUFFIXES)

@@ -47,7 +47,7 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
 from fetaliqa.errors import BadUrlError, CredentialsError, EmptyFileError, InputError, MissingObjectError
-from fetaliqa.layout import url_path
+from fetaliqa.inputs.layout import url_path
 
 StorageOptions = dict[str, Any] | None
 

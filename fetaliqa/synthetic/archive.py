@@ -1,4 +1,4 @@
-"""Synthetic archives in the exact ACOUSLIC-AI layout (see `fetaliqa.layout`), deterministic by seed.
+"""Synthetic archives in the exact ACOUSLIC-AI layout (see `fetaliqa.inputs.layout`), deterministic by seed.
 
 Each case is a stack of 6 sweeps of K frames, T x H x W uint8 (T = 6 K), inside a curvilinear fan
 field of view (FOV): a smooth tissue background that changes slowly from frame to frame, depth
@@ -39,9 +39,9 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
-from fetaliqa import layout
 from fetaliqa.ellipse import ramanujan_perimeter
-from fetaliqa.storage import StorageOptions, filesystem, is_local
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.storage import StorageOptions, filesystem, is_local
 
 SPACING_MM = 0.28  # in-plane pixel spacing of the challenge data (x and y); the frame axis gets 1.0
 

@@ -61,7 +61,7 @@ from pydicom.uid import (
     UID,
 )
 
-from fetaliqa import storage
+from fetaliqa.inputs import storage
 from fetaliqa.errors import (
     BadDtypeError,
     BadUidError,
@@ -76,7 +76,7 @@ from fetaliqa.errors import (
     UnsupportedPhotometricError,
     UnsupportedTransferSyntaxError,
 )
-from fetaliqa.storage import StorageOptions
+from fetaliqa.inputs.storage import StorageOptions
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DICOMDIR_NAME = "DICOMDIR"  # the file-set index of PS3.10 8.6 (any case on disk)

@@ -20,9 +20,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.models import load_checkpoint
 from fetaliqa.models.normalize import fold_normalization, normalize_frames
-from fetaliqa.storage import StorageOptions
 
 # Frames per forward pass when none is given. On one H200, FetalCLIP CLS ran 20% faster at 256 than at 32
 # (ARCHITECTURE.md section 6); on CPU a larger batch gains nothing and holds more memory.

@@ -5,7 +5,7 @@ The challenge's evaluation method is public (GitHub DIAGNijmegen/ACOUSLIC-AI-eva
 `FetalAbdomenSegmentationEval.score_case`, `find_sweep_index`, `find_closest_annotated_frame`;
 `src/acouslicaieval/ellipse_fitting.py` `fit_ellipses`, the version that halves OpenCV's axes). This
 module re-implements it rule for rule, odd corners included, so that its numbers are leaderboard
-numbers; `fetaliqa.metrics` keeps fetaliqa's own, cleaner rules and is unchanged.
+numbers; `fetaliqa.evaluation.metrics` keeps fetaliqa's own, cleaner rules and is unchanged.
 
 Inputs of one case
 ------------------
@@ -25,7 +25,7 @@ Selected frame. Anything outside -1 .. T-1 raises ValueError (the challenge cras
     submitted mask by an empty one (`process`), and so does `score_case` here.
 
 WFSS (`compute_wfss`), in this order: 0 when the case has no annotated pixel at all, whatever is
-    selected, abstaining (-1) included (fetaliqa.metrics scores that abstention 1); 0 for -1 when the
+    selected, abstaining (-1) included (fetaliqa.evaluation.metrics scores that abstention 1); 0 for -1 when the
     case has annotations; 1 when the selected frame holds a pixel labelled 1; 1 when it holds a 2 and
     the whole case holds no 1; 0.6 when it holds a 2 (and no 1) while the case has a 1 elsewhere; else 0.
 
@@ -91,7 +91,7 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 
-from fetaliqa.layout import MASK_OPTIMAL, MASK_SUBOPTIMAL, SWEEPS_PER_CASE
+from fetaliqa.inputs.layout import MASK_OPTIMAL, MASK_SUBOPTIMAL, SWEEPS_PER_CASE
 
 SPACING_MM = 0.28  # the challenge's PIXEL_SPACING, isotropic
 FRAME_TOLERANCE = 15  # the challenge's MAX_FRAME_TOLERANCE, in frames
