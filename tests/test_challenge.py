@@ -293,9 +293,12 @@ def test_ac_extrapolates_an_ellipse_cut_by_the_fans_bottom_edge(fov):
     full_mm = _ramanujan_1(100, 70) * 0.28
     assert full_mm == pytest.approx(150.71, abs=0.005)
     ac = circumference_mm(cut, fov)
-    # the fit on the outline left inside the fan recovers the full ellipse: within 0.1% (issue: 150.67)
-    assert ac == pytest.approx(full_mm, rel=1e-3)
-    assert ac == pytest.approx(150.67, abs=0.005)
+    # the fit on the outline left inside the fan, less its last 3 px before the fan's edge, recovers the
+    # full ellipse within 0.2%. The challenge's own fit_ellipses at its final commit ebf14b3, run on this
+    # mask and its fov_mask.mha, gives 150.54 mm (at 82eb9cb, which kept the outline up to the edge: the
+    # issue's 150.67).
+    assert ac == pytest.approx(full_mm, rel=2e-3)
+    assert ac == pytest.approx(150.54, abs=0.005)
     # Fitting every outline point of the cut region instead (the cut edge included) gets the axes wrong
     contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     _, axes, _ = cv2.fitEllipse(max(contours, key=cv2.contourArea))
