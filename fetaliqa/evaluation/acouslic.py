@@ -3,9 +3,10 @@
 The challenge's evaluation method is public (GitHub DIAGNijmegen/ACOUSLIC-AI-evaluation-method:
 `evaluate.py` `process` / `aggregate_metrics` / `main`; `src/acouslicaieval/evaluation.py` `compute_wfss`,
 `FetalAbdomenSegmentationEval.score_case`, `find_sweep_index`, `find_closest_annotated_frame`;
-`src/acouslicaieval/ellipse_fitting.py` `fit_ellipses`, the version that halves OpenCV's axes). This
-module re-implements it rule for rule, odd corners included, so that its numbers are leaderboard
-numbers; `fetaliqa.evaluation.metrics` keeps fetaliqa's own, cleaner rules and is unchanged.
+`src/acouslicaieval/ellipse_fitting.py` `fit_ellipses`; all as of its final commit ebf14b3, which scores
+the soft Dice and widens the fan's edge in the ellipse fit, and follows 82eb9cb's halving of OpenCV's
+axes). This module re-implements it rule for rule, odd corners included, so that its numbers are leaderboard
+numbers; `fetaliqa.evaluation.metrics` keeps fetaliqa's own, cleaner rules.
 
 Inputs of one case
 ------------------
@@ -59,12 +60,16 @@ Dice (`score_case`, key `DiceCoefficientSoft`, the one `main` scores). Every Dic
     into a 1-D array of all pixel values (checked with SimpleITK 2.5.7), so the test is on the pixels
     and the branches above are the ones it takes (slowly, pixel by pixel).
 
-AC of the prediction (`fit_ellipses` + `calculate_ellipse_circumference_mm`): the mask and the FOV,
-    each made 0/255, are zero-padded by 200 px on every side, the mask is multiplied by the FOV; the
-    outlines (all contours of RETR_TREE / CHAIN_APPROX_SIMPLE, drawn 1 px wide) of the masked mask and
-    of the FOV are drawn, and the mask's outline pixels that lie on the FOV's outline are dropped, so a
-    region cut by the fan's edge keeps only its real boundary and the fit extrapolates the ellipse past
-    the cut. The largest contour (`cv2.contourArea`, the first on a tie) of what remains
+AC of the prediction (`fit_ellipses` + `calculate_ellipse_circumference_mm`, as of the challenge's final
+    commit ebf14b3): the mask and the FOV, each made 0/255, are zero-padded by 200 px on every side, the
+    mask is multiplied by the FOV; the outlines (all contours of RETR_TREE / CHAIN_APPROX_SIMPLE, drawn
+    1 px wide) of the masked mask and of the FOV are drawn; the FOV's outline is dilated by a 3 x 3
+    square kernel, 3 times (a band of chessboard radius 3 px around the fan's edge), and the mask's
+    outline pixels inside that band are dropped. So a region cut by the fan's edge keeps only its real
+    boundary, even where the prediction stops 1-3 px short of the edge, and the fit extrapolates the
+    ellipse past the cut; the real boundary loses its last 3 px before the edge too. (Before ebf14b3 only
+    the pixels on the undilated outline were dropped, so a cut 1-3 px inside the fan was fitted as
+    boundary.) The largest contour (`cv2.contourArea`, the first on a tie) of what remains
     (RETR_LIST / CHAIN_APPROX_NONE) needs more than 5 points; `cv2.fitEllipse` gives full axes (w, h),
     a = w / 2 and b = h / 2, and the perimeter is Ramanujan's FIRST formula
     pi (3 (a + b) - sqrt((3a + b)(a + 3b))), times 0.28 mm per pixel. No region, too few points or a
@@ -96,6 +101,7 @@ from fetaliqa.inputs.layout import MASK_OPTIMAL, MASK_SUBOPTIMAL, SWEEPS_PER_CAS
 SPACING_MM = 0.28  # the challenge's PIXEL_SPACING, isotropic
 FRAME_TOLERANCE = 15  # the challenge's MAX_FRAME_TOLERANCE, in frames
 FIT_PADDING = 200  # px of zero padding around mask and FOV before the contour work
+FOV_EDGE_BAND = 3  # 3 x 3 dilations of the FOV's outline: mask outline this near the fan's edge is not fitted
 NAE_EPSILON = 1e-6
 NO_FRAME = -1
 CASE_KEYS = ("wfss", "soft_dice", "nae_ac")
@@ -286,9 +292,10 @@ def _outline(binary: np.ndarray) -> np.ndarray:
     return outline
 
 
-def fitted_ellipse(mask: np.ndarray, fov: np.ndarray):
-    """The challenge's ellipse fitted to `mask` inside `fov`: OpenCV's ((cx, cy), (w, h), angle), in
-    coordinates padded by FIT_PADDING px, or None when no ellipse can be fitted."""
+def outline_to_fit(mask: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """The outline pixels of `mask` (H, W) inside `fov` (H, W) that the challenge fits its ellipse to:
+    (H + 2 FIT_PADDING, W + 2 FIT_PADDING) bool, True where the masked mask's outline lies farther than
+    FOV_EDGE_BAND px (chessboard) from the FOV's outline."""
     mask, fov = np.asarray(mask), np.asarray(fov)
     if mask.ndim != 2 or mask.shape != fov.shape:
         raise ValueError(f"mask {mask.shape} and FOV {fov.shape} must be equal (H, W) shapes")
@@ -296,10 +303,17 @@ def fitted_ellipse(mask: np.ndarray, fov: np.ndarray):
     fov_255 = np.pad(np.where(fov != 0, 255, 0).astype(np.uint8), pad)
     inside = np.pad(mask != 0, pad) & (fov_255 != 0)
     mask_255 = np.where(inside, 255, 0).astype(np.uint8)
-    # keep the mask's outline where it is not the fan's outline: the cut-off part is not a boundary
-    kept = (_outline(mask_255) != 0) & (_outline(fov_255) == 0)
-    contours, _ = cv2.findContours(np.where(kept, 255, 0).astype(np.uint8), cv2.RETR_LIST,
-                                   cv2.CHAIN_APPROX_NONE)
+    # A prediction often stops a pixel or two short of the fan's edge: that cut is no boundary either.
+    edge_band = cv2.dilate(_outline(fov_255), np.ones((3, 3), np.uint8), iterations=FOV_EDGE_BAND)
+    return (_outline(mask_255) != 0) & (edge_band == 0)
+
+
+def fitted_ellipse(mask: np.ndarray, fov: np.ndarray):
+    """The challenge's ellipse fitted to `mask` (H, W) inside `fov` (H, W), on `outline_to_fit`'s pixels:
+    OpenCV's ((cx, cy), (w, h), angle), in coordinates padded by FIT_PADDING px, or None when no ellipse
+    can be fitted."""
+    outline = np.where(outline_to_fit(mask, fov), 255, 0).astype(np.uint8)
+    contours, _ = cv2.findContours(outline, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
     largest = max(contours, key=cv2.contourArea)  # max keeps the first on a tie
