@@ -345,7 +345,8 @@ def _never_trained(counts: dict[str, Any], mode: str, lora_count: int | None) ->
     head = counts["head_parameters"]
     by_mode = {"lora": None if lora_count is None else head, "linear": head, "full": head}
     never = {"lora": counts["lora_parameters"], "linear": 0, "full": counts["image_tower_parameters"]}[mode]
-    note = f"the paper's SEG decoder trains alone ({head:,} parameters): the paper's code runs the encoder under no_grad"
+    note = (f"the paper's SEG decoder trains alone ({head:,} parameters): the paper's code runs the encoder "
+            "under no_grad")
     if never:
         what = "its LoRA adapters" if mode == "lora" else "the whole encoder"
         note += (f", so {what} ({never:,} parameters), counted as trainable by the paper's code, never received a "
