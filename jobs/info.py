@@ -1,5 +1,6 @@
 """Print a model's parameter counts and config as JSON: `python -m jobs.info --model fetalclip --task cls`
-(`--recipe paper`: with the paper's LoRA placement, 2,360,065 trainable for that one)."""
+(`--recipe paper`: with the paper's LoRA placement, 2,360,065 trainable for that one; for SEG with the paper's
+decoder, which trains alone: its LoRA is counted in `counted_trainable_never_trained`)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ def build_parser(prog: str = "python -m jobs.info") -> argparse.ArgumentParser:
     parser.add_argument("--trainable", choices=TRAINABLE, default=None,
                         help="what trains: LoRA + head, head only, or everything (default: the paper's recipe)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default="fetaliqa",
-                        help="whose LoRA placement: fetaliqa's (default) or the paper's code's")
+                        help="whose LoRA placement and SEG decoder: fetaliqa's (default) or the paper's code's")
     return parser
 
 
 def info(args: argparse.Namespace) -> int:
     try:
-        info_ = model_info(args.model, args.task, RECIPES[args.recipe].lora(args.model), trainable=args.trainable)
+        recipe = RECIPES[args.recipe]
+        info_ = model_info(args.model, args.task, recipe.lora(args.model), trainable=args.trainable,
+                           decoder=recipe.decoder if args.task == "seg" else None)
     except ValueError as err:  # e.g. SEG on a CNN baseline, LoRA on a CNN
         print(f"fetaliqa info: error: {err}", file=sys.stderr)
         return 2

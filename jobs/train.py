@@ -139,8 +139,10 @@ def run_trial(args: argparse.Namespace, recipe: Recipe, model: str, weights: str
 def fit(args: argparse.Namespace, recipe: Recipe, frames: dict, model: dict, output: str):
     """One trial: Ray Train's TorchTrainer over the frame datasets, checkpoints under `output`."""
     loop = LoopConfig(model=model, loss=recipe.seg_loss if args.task == "seg" else None,
-                      # the paper's FetalCLIP LoRA has adapters the forward pass never uses (out_proj)
-                      find_unused_parameters=recipe.name == "paper", resize=recipe.resize, epochs=args.epochs,
+                      # the paper's FetalCLIP LoRA has adapters the CLS forward pass never uses (out_proj); its
+                      # SEG model freezes the whole encoder, and every decoder parameter gets a gradient
+                      find_unused_parameters=recipe.name == "paper" and args.task == "cls", resize=recipe.resize,
+                      epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, storage_options=args.storage_options,
                       fault_marker=os.environ.get(KILL_ONCE_ENV))
     storage_path, storage_filesystem = outputs.ray_storage(output, args.storage_options)
@@ -165,9 +167,10 @@ def fit(args: argparse.Namespace, recipe: Recipe, frames: dict, model: dict, out
 
 def model_kwargs(args: argparse.Namespace, recipe: Recipe, model: str, weights: str | None, seed: int) -> dict:
     """`build_model` keyword arguments for the chosen fine-tuning mode (None: the paper's choice per model,
-    LoRA for transformers and full fine-tuning for CNNs), with the recipe's LoRA placement."""
+    LoRA for transformers and full fine-tuning for CNNs), with the recipe's LoRA placement and SEG decoder."""
     lora = None if args.finetune in ("linear", "full") else recipe.lora(model)
-    return {"name": model, "task": args.task, "weights": weights, "seed": seed, "lora": lora, "trainable": args.finetune}
+    return {"name": model, "task": args.task, "weights": weights, "seed": seed, "lora": lora, "trainable": args.finetune,
+            "decoder": recipe.decoder if args.task == "seg" else None}
 
 
 def _epoch_of(result, checkpoint) -> int:

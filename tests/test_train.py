@@ -132,6 +132,7 @@ def test_seg_run_of_the_paper_recipe_from_and_to_object_storage(ray_local, s3_bu
     assert [row["threshold"] for row in metrics["test"]["area_threshold_sweep"]][:2] == [0.001, 0.002]
     model, meta = load_checkpoint(f"{out}/checkpoint", storage_options=options)
     assert model.task == "seg" and meta["threshold"] == metrics["threshold"]
+    assert meta["decoder"] == "paper" and type(model.head).__name__ == "PaperUnetrDecoder"
     assert meta["preprocess"]["interpolation"] == "cv2-cubic"  # trained on cv2-resized frames: scored on them
     assert fs.exists(f"{out}/split.json") and fs.glob(f"{out}/ray/epoch-001/weights.safetensors")
 

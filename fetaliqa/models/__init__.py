@@ -12,6 +12,8 @@ CPU tests and demos. The paper's baselines are timm models by name, trained in t
     model, preprocess = build_model("timm:densenet121", "cls", weights="densenet121.safetensors")  # full
     model, preprocess = build_model("timm:deit3_large_patch16_224", "cls", weights=...)  # frozen + LoRA
     model, preprocess = build_model("fetalclip", "cls", weights=..., trainable="linear")  # head only
+    model, preprocess = build_model("fetalclip", "seg", weights=..., lora=paper_lora("fetalclip"),
+                                    decoder="paper")  # the paper's SEG model: its decoder trains, nothing else
 """
 
 from fetaliqa.models.checkpoint import (
@@ -24,6 +26,7 @@ from fetaliqa.models.checkpoint import (
 from fetaliqa.models.baselines import PAPER_BASELINES, is_known_model
 from fetaliqa.models.encoders import MODEL_NAMES, LoraSpec, PreprocessSpec, seg_block_indices
 from fetaliqa.models.iqa import (
+    DECODERS,
     DEFAULT_THRESHOLD,
     TASKS,
     TRAINABLE,
@@ -37,6 +40,7 @@ from fetaliqa.models.iqa import (
 )
 
 __all__ = [
+    "DECODERS",
     "DEFAULT_THRESHOLD",
     "FORMAT_VERSION",
     "MODEL_NAMES",

@@ -4,7 +4,8 @@
 plus the encoder when it was trained ("full" mode) or built without pretrained weights: a random init
 cannot be trusted to come out the same on another machine or torch version. `fetaliqa.json` says how to
 rebuild the rest, including the training mode (`trainable`; absent in older checkpoints, which load as
-before: LoRA if `lora` is set, else a linear probe). Weights are written first and fetaliqa.json last,
+before: LoRA if `lora` is set, else a linear probe) and, for SEG, the decoder (`decoder`, fetaliqa's or the
+paper's; absent in older checkpoints, which hold fetaliqa's). Weights are written first and fetaliqa.json last,
 so a folder with fetaliqa.json is complete. Loading never unpickles.
 """
 
@@ -23,7 +24,7 @@ from fetaliqa.errors import BadUrlError, CheckpointError
 from fetaliqa.inputs.storage import StorageOptions, describe_io_error, filesystem, join
 from fetaliqa.models.baselines import check_model_name
 from fetaliqa.models.encoders import LoraSpec, PreprocessSpec, is_lora_key, state_problems
-from fetaliqa.models.iqa import TASKS, TRAINABLE, IQAModel, ModelSpec, build_model
+from fetaliqa.models.iqa import DECODERS, TASKS, TRAINABLE, IQAModel, ModelSpec, build_model
 
 FORMAT_VERSION = 1
 META_FILE = "fetaliqa.json"
@@ -91,7 +92,7 @@ def load_checkpoint(
             raise CheckpointError(f"{url}: holds adapters only and records no base_weights; pass base_weights="
                                   "(the pretrained image-tower weights it was trained on)")
     model, _ = build_model(spec.name, spec.task, weights, spec.lora, storage_options, spec.seed,
-                           decoder_channels=spec.decoder_channels, trainable=spec.trainable)
+                           decoder_channels=spec.decoder_channels, trainable=spec.trainable, decoder=spec.decoder)
     _load_tensors(model, tensors, meta["includes_encoder"], url)
     return model.to(device).eval(), meta
 
@@ -106,6 +107,10 @@ def load_trained_tensors(model: IQAModel, url: str, storage_options: StorageOpti
     meta, tensors = _read_checkpoint(url, storage_options)
     if (meta["model"], meta["task"]) != (model.name, model.task):
         raise CheckpointError(f"{url}: a checkpoint of {meta['model']} {meta['task']}, not {model.name} {model.task}")
+    decoder = _spec(meta, url).decoder
+    if decoder != model.spec.decoder:
+        raise CheckpointError(f"{url}: a checkpoint of {meta['model']} with the {decoder} decoder, not the "
+                              f"{model.spec.decoder} one")
     _load_tensors(model, tensors, meta["includes_encoder"], url)
     return meta
 
@@ -132,6 +137,7 @@ def _meta(model: IQAModel, threshold: float, preprocess: PreprocessSpec, metrics
         "task": spec.task,
         "lora": spec.lora.to_dict() if spec.lora else None,
         "trainable": spec.trainable,
+        "decoder": spec.decoder,
         "decoder_channels": spec.decoder_channels,
         "seed": spec.seed,
         "base_weights": base_weights,
@@ -215,13 +221,27 @@ def _spec(meta: dict[str, Any], url: str) -> ModelSpec:
             raise ValueError("a fully fine-tuned model must include its encoder")
         PreprocessSpec.from_dict(meta["preprocess"])
         lora = LoraSpec.from_dict(meta["lora"]) if meta["lora"] is not None else None
-        decoder = meta.get("decoder_channels")
+        channels = meta.get("decoder_channels")
         spec = ModelSpec(name=meta["model"], task=meta["task"], lora=lora, seed=int(meta["seed"]),
                          weights=meta.get("base_weights"),
-                         decoder_channels=int(decoder) if decoder is not None else None, trainable=trainable)
+                         decoder_channels=int(channels) if channels is not None else None, trainable=trainable,
+                         decoder=_decoder(meta))
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{url}: {META_FILE} describes no buildable model ({err})") from err
     return spec
+
+
+def _decoder(meta: dict[str, Any]) -> str | None:
+    """The recorded SEG decoder ("fetaliqa" where a checkpoint predates the field), None for CLS;
+    ValueError for an unknown one or a CLS checkpoint that names one."""
+    decoder = meta.get("decoder")
+    if meta["task"] == "cls":
+        if decoder is not None:
+            raise ValueError(f"a CLS model has no decoder, got {decoder!r}")
+        return None
+    if decoder not in (None, *DECODERS):
+        raise ValueError(f"unknown decoder {decoder!r}")
+    return decoder or "fetaliqa"
 
 
 def _parse_tensors(data: bytes, url: str) -> dict[str, torch.Tensor]:

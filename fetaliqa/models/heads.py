@@ -1,4 +1,5 @@
-"""Heads on the image tower: a linear classifier (CLS) and a UNETR-style mask decoder (SEG).
+"""Heads on the image tower: a linear classifier (CLS) and fetaliqa's UNETR-style mask decoder (SEG); the
+paper's own decoder is `paper_unetr.PaperUnetrDecoder`.
 
 Shapes: images (N, 3, S, S) float32 (bf16 or float16 when scoring on CUDA, channels_last: `FrameModel`); patch
 tokens (N, D, g, g) with g = S / patch (16 for 224 / 14).
@@ -88,12 +89,18 @@ class UnetrDecoder(nn.Module):
         return self.out(x)
 
     def _resample(self, tokens: torch.Tensor) -> torch.Tensor:
-        # 16 x 16 tokens (224 / 14) -> 14 x 14 so that four 2x up-convolutions land exactly on 224,
-        # as the paper's code does.
-        if tokens.shape[-2:] == (self.grid, self.grid):
-            return tokens
-        # Channels-last: on CUDA the NCHW bilinear kernel runs a thread per output pixel (14 x 14) and loops
-        # over batch x channels, and took 75% of FetalCLIP_SEG's time on an H100 (1.7 ms a frame); the
-        # channels-last kernel spreads over every output element. Same values (tests/test_models.py).
-        tokens = tokens.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(tokens, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return resample_tokens(tokens, self.grid)
+
+
+def resample_tokens(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Patch tokens (N, D, h, w) -> (N, D, grid, grid), bilinear (align_corners=False); unchanged if already so.
+
+    16 x 16 tokens (224 / 14) become 14 x 14 so that four 2x up-convolutions land exactly on 224, as the
+    paper's code does."""
+    if tokens.shape[-2:] == (grid, grid):
+        return tokens
+    # Channels-last: on CUDA the NCHW bilinear kernel runs a thread per output pixel (14 x 14) and loops
+    # over batch x channels, and took 75% of FetalCLIP_SEG's time on an H100 (1.7 ms a frame); the
+    # channels-last kernel spreads over every output element. Same values (tests/test_models.py).
+    tokens = tokens.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(tokens, size=(grid, grid), mode="bilinear", align_corners=False)

@@ -45,6 +45,7 @@ from fetaliqa.models.encoders import (
 )
 from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.models.heads import UnetrDecoder
+from fetaliqa.models.paper_unetr import PAPER_BASE_FILTERS, PaperUnetrDecoder
 
 TASKS = ("cls", "seg")
 # "lora": frozen encoder + LoRA + head; "linear": frozen encoder + head; "full": everything trains.
@@ -54,6 +55,9 @@ DEFAULT_THRESHOLD = {"cls": 0.5, "seg": 0.01}
 # SEG decoder base width: UNETR's feature_size 16 for the full model (2.2M decoder parameters);
 # 8 for the tiny one, whose full-resolution convolutions would otherwise cost more than its encoder.
 DECODER_CHANNELS = {"fetalclip": 16, "fetalclip-tiny": 8}
+# SEG decoders: fetaliqa's UNETR (`heads.UnetrDecoder`; the encoder trains as its mode says) or the paper's
+# (`paper_unetr.PaperUnetrDecoder`; the encoder runs under no_grad, as in the paper's code: only the decoder trains).
+DECODERS = ("fetaliqa", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +69,26 @@ class ModelSpec:
     lora: LoraSpec | None
     seed: int
     weights: str | None  # pretrained image-tower weights it was built from; None: random init (seeded)
-    decoder_channels: int | None  # SEG only
+    decoder_channels: int | None  # SEG only: base width (fetaliqa) or base filters (paper)
     # One of TRAINABLE as built; None only in a spec read from a checkpoint older than the field, which
     # build_model resolves as it always did (LoRA if `lora` is set, else linear).
     trainable: str | None = None
+    # SEG: one of DECODERS (a checkpoint older than the field reads as "fetaliqa"); CLS: None.
+    decoder: str | None = None
+
+    @property
+    def encoder_trains(self) -> bool:
+        """Whether any encoder parameter (LoRA or its own) trains. The paper's SEG model runs the encoder
+        under no_grad, so its mode's LoRA (or, in "full", the whole encoder) is built, and counted by the
+        paper's code as trainable, but never trained."""
+        return self.decoder != "paper" and (self.trainable == "full" or self.lora is not None)
 
 
 class IQAModel(nn.Module):
     """Frame quality model. `encoder`: open_clip VisionTransformer or timm model (`num_classes=0`), frozen
-    with LoRA adapters, frozen, or trainable per `spec.trainable`; `head`: nn.Linear(features, 1) for CLS,
-    `UnetrDecoder` for SEG (ViT encoders only)."""
+    with LoRA adapters, frozen, or trainable per `spec.trainable` (frozen whatever the mode under the paper's
+    SEG decoder); `head`: nn.Linear(features, 1) for CLS, `UnetrDecoder` or `PaperUnetrDecoder` for SEG (ViT
+    encoders only)."""
 
     def __init__(self, spec: ModelSpec, encoder: nn.Module, head: nn.Module):
         super().__init__()
@@ -99,8 +113,8 @@ class IQAModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, S, S) float -> CLS: logits (N,) in the head's dtype; SEG: mask logits (N, 1, S, S)."""
-        # A linear probe (no LoRA) needs no graph through the frozen encoder.
-        adapted = self.spec.trainable == "full" or (self.spec.lora is not None and not self.merged)
+        # A linear probe (no LoRA), a merged model and the paper's SEG model need no graph through the encoder.
+        adapted = self.spec.encoder_trains and not self.merged
         with torch.set_grad_enabled(torch.is_grad_enabled() and adapted):
             if self.task == "cls":
                 features = self.encoder(images)  # (N, embed_dim): pooled CLS token, projected
@@ -153,6 +167,7 @@ def build_model(
     *,
     decoder_channels: int | None = None,
     trainable: str | None = None,
+    decoder: str | None = None,
 ) -> tuple[IQAModel, PreprocessSpec]:
     """Build the named model for `task` ("cls" or "seg") in train mode, float32, on CPU.
 
@@ -162,6 +177,9 @@ def build_model(
     "linear" (frozen encoder + head), "full" (every parameter trains); None: the paper's recipe, i.e.
     "linear" if `lora` is None, else "full" for timm CNNs and "lora" for transformers. In timm models
     LoRA's open_clip target names are translated (attn -> qkv, proj; c_fc -> fc1; c_proj -> fc2).
+    `decoder` (SEG only, one of DECODERS; None: "fetaliqa"): with "paper" the encoder is built as `trainable`
+    says (its LoRA included) and then frozen, as the paper's forward pass leaves it; `decoder_channels`
+    defaults to the paper's 32 filters there, and to `DECODER_CHANNELS` for fetaliqa's decoder.
     All random init (encoder, LoRA A, head) happens under `seed` in a forked RNG, so a model built twice
     with the same arguments is identical and the caller's RNG state is untouched.
     """
@@ -171,7 +189,9 @@ def build_model(
         raise ValueError(f"trainable must be one of {TRAINABLE} (or None: the paper's recipe), got {trainable!r}")
     check_model_name(name)
     timm_model = is_timm_name(name)
-    decoder_channels = (decoder_channels or DECODER_CHANNELS.get(name, 16)) if task == "seg" else None
+    decoder = _resolve_decoder(task, decoder)
+    default_channels = PAPER_BASE_FILTERS if decoder == "paper" else DECODER_CHANNELS.get(name, 16)
+    decoder_channels = (decoder_channels or default_channels) if task == "seg" else None
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(torch_seed(seed))  # CPU only: leaves CUDA RNG state alone
         encoder = create_timm_encoder(name) if timm_model else create_image_tower(name)
@@ -191,9 +211,13 @@ def build_model(
             lora = inject_timm_lora(encoder, lora, name)
         else:
             inject_lora(encoder, lora)
-        head = _make_head(encoder, task, decoder_channels, name)
+        if decoder == "paper":
+            # The paper's forward pass reads the encoder under no_grad: its LoRA never gets a gradient. Frozen
+            # here, so that the optimizer and DDP see the decoder alone.
+            encoder.requires_grad_(False)
+        head = _make_head(encoder, task, decoder_channels, name, decoder)
     spec = ModelSpec(name=name, task=task, lora=lora, seed=seed, weights=weights, decoder_channels=decoder_channels,
-                     trainable=mode)
+                     trainable=mode, decoder=decoder)
     preprocess = timm_preprocess_spec(encoder) if timm_model else preprocess_spec(encoder)
     return IQAModel(spec, encoder, head), preprocess
 
@@ -233,13 +257,25 @@ def _resolve_trainable(encoder: nn.Module, trainable: str | None, lora: LoraSpec
     return trainable
 
 
+def _resolve_decoder(task: str, decoder: str | None) -> str | None:
+    """The SEG decoder `build_model` uses ("fetaliqa" unless named), None for CLS; ValueError otherwise."""
+    if task == "cls":
+        if decoder is not None:
+            raise ValueError(f"decoder={decoder!r}: only SEG has a decoder")
+        return None
+    if decoder not in (None, *DECODERS):
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    return decoder or "fetaliqa"
+
+
 def _vit_depth(encoder: nn.Module) -> int | None:
     if isinstance(encoder, VisionTransformer):
         return len(encoder.transformer.resblocks)
     return timm_vit_depth(encoder)
 
 
-def _make_head(encoder: nn.Module, task: str, decoder_channels: int | None, name: str) -> nn.Module:
+def _make_head(encoder: nn.Module, task: str, decoder_channels: int | None, name: str,
+               decoder: str | None) -> nn.Module:
     if task == "cls":
         dim = encoder.output_dim if isinstance(encoder, VisionTransformer) else feature_dim(encoder)
         return nn.Linear(dim, 1)
@@ -248,6 +284,8 @@ def _make_head(encoder: nn.Module, task: str, decoder_channels: int | None, name
         size = encoder.image_size[0] if isinstance(encoder.image_size, (tuple, list)) else encoder.image_size
     else:
         width, size = timm_seg_geometry(encoder, name)
+    if decoder == "paper":
+        return PaperUnetrDecoder(token_dim=width, filters=decoder_channels, image_size=size)
     return UnetrDecoder(token_dim=width, channels=decoder_channels, image_size=size)
 
 
@@ -257,19 +295,23 @@ def model_info(
     lora: LoraSpec | None = LoraSpec(),  # noqa: B008
     *,
     trainable: str | None = None,
+    decoder: str | None = None,
 ) -> dict[str, Any]:
     """Parameter counts and config of a model, built without weights (JSON-serialisable ints and dicts).
 
     `image_tower_parameters`: the encoder alone (no LoRA, no head). `trainable_parameters`: in the mode
     built (`config["trainable"]`; `trainable=None`: the paper's recipe); `trainable_parameters_by_mode`:
-    in each mode (its "lora" is None where the encoder has no LoRA targets, as in a CNN).
+    in each mode (its "lora" is None where the encoder has no LoRA targets, as in a CNN). With the paper's
+    SEG decoder (`decoder="paper"`) only the decoder trains in every mode, and
+    `counted_trainable_never_trained` gives the encoder parameters the paper's code counted as trainable
+    (its LoRA, or the whole encoder in "full") although its no_grad forward pass never trains them.
     """
     # timm models count on the meta device (no memory, no init: VGG-16 or a ViT-L in a second); open_clip
     # moves its model to the CPU explicitly, so FetalCLIP is built for real.
     with torch.device("meta") if is_timm_name(name) else contextlib.nullcontext():
         # `lora` also sizes the "lora" entry of trainable_parameters_by_mode, whatever mode is built
         model, preprocess = build_model(name, task, lora=lora if trainable in (None, "lora") else None,
-                                        trainable=trainable)
+                                        trainable=trainable, decoder=decoder)
     counts: dict[str, Any] = {"parameters": 0, "trainable_parameters": 0, "image_tower_parameters": 0,
                               "lora_parameters": 0, "head_parameters": 0}
     for key, param in model.named_parameters():
@@ -286,12 +328,30 @@ def model_info(
     lora_count = _lora_parameter_count(model, lora) if model.spec.lora is None else counts["lora_parameters"]
     counts["trainable_parameters_by_mode"] = {"lora": None if lora_count is None else lora_count + head,
                                               "linear": head, "full": counts["image_tower_parameters"] + head}
+    if model.spec.decoder == "paper":
+        counts |= _never_trained(counts, model.spec.trainable, lora_count)
     config = {"model": name, "task": task, "trainable": model.spec.trainable,
               "lora": model.spec.lora.to_dict() if model.spec.lora else None, "preprocess": preprocess.to_dict()}
     config |= {"timm": timm_config(model.encoder)} if is_timm_name(name) else {"open_clip": model_config(name)}
     if task == "seg":
-        config |= {"decoder_channels": model.spec.decoder_channels, "seg_blocks": model.seg_blocks}
+        config |= {"decoder": model.spec.decoder, "decoder_channels": model.spec.decoder_channels,
+                   "seg_blocks": model.seg_blocks}
     return counts | {"config": config}
+
+
+def _never_trained(counts: dict[str, Any], mode: str, lora_count: int | None) -> dict[str, Any]:
+    """model_info's entries for the paper's SEG model: the decoder alone trains in every mode, and what
+    the paper's code counted as trainable (requires_grad) in `mode` without ever training it."""
+    head = counts["head_parameters"]
+    by_mode = {"lora": None if lora_count is None else head, "linear": head, "full": head}
+    never = {"lora": counts["lora_parameters"], "linear": 0, "full": counts["image_tower_parameters"]}[mode]
+    note = (f"the paper's SEG decoder trains alone ({head:,} parameters): the paper's code runs the encoder "
+            "under no_grad")
+    if never:
+        what = "its LoRA adapters" if mode == "lora" else "the whole encoder"
+        note += (f", so {what} ({never:,} parameters), counted as trainable by the paper's code, never received a "
+                 "gradient; fetaliqa freezes them")
+    return {"trainable_parameters_by_mode": by_mode, "counted_trainable_never_trained": never, "note": note}
 
 
 def _lora_parameter_count(model: IQAModel, lora: LoraSpec | None) -> int | None:

@@ -5,8 +5,8 @@ augmented afresh every epoch at 224 px, LoRA on the whole attention (q, k, v, ou
 with per-frame soft Dice + BCE, positives at score >= threshold. "paper" follows the paper's code
 (donglihe-hub/FetalCLIP-IQA) where it changes numbers: its split of the csv's uuids with its seed, its
 offline augmentation (a plain and an augmented copy of each train frame, made once at native size, labels
-recomputed), cv2 resizing, its LoRA targets (`models.paper_lora`), one Dice over the batch for SEG, and
-p > 0.5 for CLS.
+recomputed), cv2 resizing, its LoRA targets (`models.paper_lora`), for SEG its decoder (the encoder under
+no_grad, so its LoRA never trains) and its loss (smp's multilabel Dice over the batch), and p > 0.5 for CLS.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fetaliqa.training.protocol import PAPER_SEED
 class Recipe:
     """name; seed: the default --seed (split, copies, first trial); paper_copies: train frames materialised
     once as a plain and an augmented copy (else augmented every epoch); seg_loss: key of `step.LOSSES`;
+    decoder: the SEG decoder, one of `models.DECODERS`;
     strict: positive when score > the default threshold (else >=); resize: how frames become 224 px, a key of
     `preprocess.RESIZES`, recorded in the checkpoint so that scoring resizes alike."""
 
@@ -28,6 +29,7 @@ class Recipe:
     seed: int
     paper_copies: bool
     seg_loss: str
+    decoder: str
     strict: bool
     resize: str
 
@@ -37,7 +39,8 @@ class Recipe:
 
 
 RECIPES = {
-    "fetaliqa": Recipe("fetaliqa", seed=0, paper_copies=False, seg_loss="seg", strict=False, resize="bicubic"),
-    "paper": Recipe("paper", seed=PAPER_SEED, paper_copies=True, seg_loss="seg-batch-dice", strict=True,
-                    resize="cv2-cubic"),
+    "fetaliqa": Recipe("fetaliqa", seed=0, paper_copies=False, seg_loss="seg", decoder="fetaliqa", strict=False,
+                       resize="bicubic"),
+    "paper": Recipe("paper", seed=PAPER_SEED, paper_copies=True, seg_loss="seg-paper-dice", decoder="paper",
+                    strict=True, resize="cv2-cubic"),
 }

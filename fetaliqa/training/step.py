@@ -60,19 +60,28 @@ def seg_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], smooth: float
     return dice + bce
 
 
-def seg_batch_dice_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], smooth: float = 1e-5) -> torch.Tensor:
-    """The paper recipe's SEG loss: ONE soft Dice over all pixels of all frames of the batch (no BCE).
-    logits (B, 1, S, S) float32, batch["mask"] (B, S, S) -> (B,): that batch loss repeated per frame, so that
+def paper_dice_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], eps: float = 1e-7) -> torch.Tensor:
+    """The paper recipe's SEG loss: segmentation_models_pytorch's DiceLoss(mode="multilabel", from_logits=True),
+    the paper's, re-implemented. Per mask class (one here): ONE soft Dice over every pixel of every frame of
+    the batch, no smoothing, its denominator clamped at `eps`; loss 1 - Dice, except 0 for a class without a
+    positive pixel in the batch (Dice is undefined there, and smp masks it out, so such a batch gives no
+    gradient at all); then the mean over classes. No BCE.
+
+    logits (B, 1, S, S) float32, batch["mask"] (B, S, S) -> (B,): the batch loss repeated per frame, so that
     `run_epoch` (which averages per-frame losses) steps on it unchanged and reports the frame-weighted mean.
-
     Under DDP each worker's Dice pools its own share of the global batch only: on one worker it is the
-    paper's loss exactly, on W workers the mean of W smaller batches' Dice.
+    paper's loss exactly, on W workers the mean of W smaller batches' losses.
     """
-    prob = torch.sigmoid(logits.squeeze(1))
-    target = batch["mask"].float()
-    dice = 1 - (2 * (prob * target).sum() + smooth) / (prob.sum() + target.sum() + smooth)
-    return dice.expand(len(logits))
+    n, classes = logits.shape[:2]
+    prob = F.logsigmoid(logits).exp().reshape(n, classes, -1)  # smp's sigmoid: through log-sigmoid, as it does
+    target = batch["mask"].reshape(n, classes, -1).to(prob.dtype)
+    intersection = (prob * target).sum((0, 2))
+    cardinality = (prob + target).sum((0, 2))
+    dice = 2 * intersection / cardinality.clamp_min(eps)
+    has_positive = target.sum((0, 2)) > 0
+    loss = ((1 - dice) * has_positive.to(dice.dtype)).mean()
+    return loss.expand(n)
 
 
-# By name: "cls" and "seg" are the fetaliqa recipe's losses of each task, "seg-batch-dice" the paper's SEG loss.
-LOSSES = {"cls": cls_loss, "seg": seg_loss, "seg-batch-dice": seg_batch_dice_loss}
+# By name: "cls" and "seg" are the fetaliqa recipe's losses of each task, "seg-paper-dice" the paper's SEG loss.
+LOSSES = {"cls": cls_loss, "seg": seg_loss, "seg-paper-dice": paper_dice_loss}
