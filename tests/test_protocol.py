@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fetaliqa.errors import FetaliqaError
-from fetaliqa.inputs.stacks import list_cases, read_case, read_circumferences
+from fetaliqa.inputs.cases import read_case
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_circumferences
 from fetaliqa.training.data import case_items, read_frames
 from fetaliqa.training.protocol import (
     SPLIT_FILE,

@@ -32,6 +32,7 @@ from fetaliqa.errors import InputError
 from fetaliqa.inputs import storage
 from fetaliqa.inputs import layout
 from fetaliqa.inputs.cases import file_geometry
+from fetaliqa.inputs.stacks import read_header
 from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.schema import CASES, FRAMES
@@ -227,12 +228,7 @@ def read_prediction(root_url: str, case_id: str, shape: tuple[int, int, int],
 
 
 def _read_frame(local: str, url: str, frame: int, shape: tuple[int, int, int]) -> np.ndarray:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(local)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise PredictionError(url, "not an image SimpleITK reads") from err
+    reader = read_header(local, url)  # an unreadable header: the stacks' own error, as a PredictionError
     size = tuple(reader.GetSize()[::-1])
     if size != tuple(shape) or reader.GetNumberOfComponents() != 1:
         raise PredictionError(url, f"stack of shape {size} ({reader.GetNumberOfComponents()} components); "

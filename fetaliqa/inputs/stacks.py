@@ -95,7 +95,7 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes
     `layout.SWEEPS_PER_CASE`).
     """
     with storage.local_copy(uri, storage_options) as local:
-        reader = _read_header(local, uri)
+        reader = read_header(local, uri)
         n_frames = _stack_shape(reader, uri)[0]
         _check_decoded_size(reader, uri, max_bytes)
         _check_scalar(reader, uri)
@@ -122,10 +122,10 @@ def read_image_geometry(uri: str, storage_options: StorageOptions = None
     for an image that is not 3-D, each naming `uri`."""
     try:
         with storage.local_copy(uri, storage_options, max_bytes=HEADER_BYTES) as local:
-            reader = _read_header(local, uri)
+            reader = read_header(local, uri)
     except TruncatedFileError:
         with storage.local_copy(uri, storage_options) as local:
-            reader = _read_header(local, uri)
+            reader = read_header(local, uri)
     spacing = reader.GetSpacing()
     return _stack_shape(reader, uri), (float(spacing[1]), float(spacing[0]))
 
@@ -141,7 +141,7 @@ def read_mask_stack(uri: str, image: Stack | None = None, storage_options: Stora
     `max_bytes` as there).
     """
     with storage.local_copy(uri, storage_options) as local:
-        reader = _read_header(local, uri)
+        reader = read_header(local, uri)
         shape = tuple(reader.GetSize())[::-1]
         if image is not None and shape != image.frames.shape:
             raise MaskMismatchError(
@@ -185,7 +185,9 @@ class _PixelBuffer:
         self.__array_interface__ = interface
 
 
-def _read_header(local: str, uri: str) -> sitk.ImageFileReader:
+def read_header(local: str, uri: str) -> sitk.ImageFileReader:
+    """The header of the image at local path `local` (`ReadImageInformation`: no pixel decoded); `TruncatedFileError`
+    or `NotAnImageError` naming `uri` when SimpleITK cannot read it."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(local)
     try:
