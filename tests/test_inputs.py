@@ -20,6 +20,7 @@ from fetaliqa.evaluation.challenge_format import SEGMENTATION
 from fetaliqa.inputs import layout
 from fetaliqa.inputs.cases import case_geometry, read_case, read_case_frames
 from fetaliqa.inputs.listing import archive_root, list_cases
+from fetaliqa.inputs.stacks import read_circumferences
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.schema import CASES
 from fetaliqa.synthetic.archive import SPACING_MM, write_synthetic_archive
@@ -131,7 +132,7 @@ def _metrics_of(pipeline: dict, data, report: Path, *extra: str) -> tuple:
 
 
 def test_a_csv_manifest_of_stacked_images_finds_their_masks_and_ac_csv(tmp_path):
-    ids = write_synthetic_archive(str(tmp_path), cases=2, frames_per_sweep=2, height=20, width=24, seed=1)
+    ids = write_synthetic_archive(str(tmp_path), cases=2, frames_per_sweep=2, height=32, width=40, seed=1)
     with open(tmp_path / "cases.csv", "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["note", "uri"])
@@ -140,7 +141,8 @@ def test_a_csv_manifest_of_stacked_images_finds_their_masks_and_ac_csv(tmp_path)
     assert [(c.case_id, c.instances, c.mask_uri) for c in cases] == [
         (case_id, None, f"{tmp_path}/{layout.MASKS_DIR}/{case_id}.mha") for case_id in sorted(ids)]
     frames, mask = read_case(cases[0], with_mask=True)
-    assert frames.frames.shape == mask.shape == (layout.SWEEPS_PER_CASE * 2, 20, 24)
+    assert frames.frames.shape == mask.shape == (layout.SWEEPS_PER_CASE * 2, 32, 40)
+    assert sorted(read_circumferences(archive_root(str(tmp_path / "cases.csv")))) == sorted(ids)
 
 
 def test_a_study_whose_mask_does_not_match_its_frames_is_one_line_naming_both(dicom_archive, tmp_path):
