@@ -39,7 +39,7 @@ def one_case_row(archive: str, part: str):
     cases = list_cases(archive)
     split = make_split([c.case_id for c in cases], read_circumferences(archive), PAPER_SEED, recipe="paper")
     item = case_items(cases, split, part)[0]
-    case = next(c for c in cases if c.case_id == item["case_id"])
+    case = item["case"]
     return {k: np.array([v], dtype=object) for k, v in item.items()}, case, item
 
 
