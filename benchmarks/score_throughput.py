@@ -47,7 +47,7 @@ from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
 from fetaliqa.models.frame_model import FrameModel
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.preprocess import naive_preprocess_frame, resize_frames
-from fetaliqa.score.read import list_archive
+from fetaliqa.inputs.listing import list_archive
 from fetaliqa.synthetic.archive import write_synthetic_archive
 from jobs import score as score_job
 from jobs.common import init_ray

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from fetaliqa.inputs.stacks import list_cases
+from fetaliqa.inputs.listing import list_cases
 from fetaliqa.inputs.storage import filesystem, join
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.schema import CASES
@@ -74,7 +74,7 @@ def demo(args: argparse.Namespace) -> int:
 def write_test_list(archive: str, model: str, path: str) -> str:
     """A .txt list of the test split's image URIs: the cases the model never saw."""
     test = set(load_split(model).part("test"))
-    uris = [c.image_uri for c in list_cases(archive) if c.case_id in test]
+    uris = [c.source for c in list_cases(archive) if c.case_id in test]
     fs, local = filesystem(path)
     fs.pipe_file(local, ("\n".join(uris) + "\n").encode())
     return path

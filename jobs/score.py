@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from fetaliqa.inputs.listing import list_archive, listing_notes
 from fetaliqa.models import load_checkpoint
 from fetaliqa.redact import redact_text
 from fetaliqa.score import lease, ledger, record
 from fetaliqa.score.predict import ScoreFrames
-from fetaliqa.score.read import READ_TASK_MEMORY, READ_TASK_RETRIES, CaseReader, list_archive, listing_notes
+from fetaliqa.score.read import READ_TASK_MEMORY, READ_TASK_RETRIES, CaseReader
 from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, summarise_cases
 from jobs.common import (absolute_local_paths, add_shared_filesystem, add_storage_options,
                          check_paths_reach_every_node, init_ray, run_recipe)

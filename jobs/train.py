@@ -23,7 +23,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from fetaliqa.errors import FetaliqaError
-from fetaliqa.inputs.stacks import list_cases, read_circumferences
+from fetaliqa.inputs.listing import archive_root, list_cases
+from fetaliqa.inputs.stacks import read_circumferences
 from fetaliqa.inputs.storage import join
 from fetaliqa.models import default_trainable
 from fetaliqa.training import data, holdout, outputs
@@ -36,7 +37,9 @@ from jobs.info import model_name
 
 def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="annotated archive root (ACOUSLIC layout, with masks and csv)")
+    parser.add_argument("--data", required=True, help="annotated cases, any input `score` reads (an ACOUSLIC root, a folder or "
+                        "prefix of stacks or DICOM studies, a manifest), with masks and csv in the ACOUSLIC layout "
+                        "under its root")
     parser.add_argument("--task", required=True, choices=("cls", "seg"))
     parser.add_argument("--model", required=True, nargs="+", type=model_name, metavar="NAME",
                         help="model name(s), e.g. fetalclip, fetalclip-tiny, timm:densenet121; several: one row each")
@@ -75,7 +78,7 @@ def train(args: argparse.Namespace) -> int:
     weights = check_models(args)  # before any work: no listing, no split, no Ray
     seed = recipe.seed if args.seed is None else args.seed
     cases = list_cases(args.data, so)
-    split = make_split([c.case_id for c in cases], read_circumferences(args.data, so), seed, recipe.name)
+    split = make_split([c.case_id for c in cases], read_circumferences(archive_root(args.data), so), seed, recipe.name)
     save_split(split, args.output, so)
     init_ray()
     # Decoded once, shared by every model and trial; the paper's train copies are drawn from the split seed.

@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from fetaliqa import errors
 from fetaliqa.inputs import stacks
 from fetaliqa.inputs import layout
-from fetaliqa.inputs.stacks import CaseRef
+from fetaliqa.inputs.cases import read_case
+from fetaliqa.inputs.listing import CaseRef, list_cases
 
 T, H, W = 12, 40, 50
 FOV_MASK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "acouslic_fov_mask.mha"
@@ -107,9 +108,9 @@ def test_read_from_memory_url(memory_root, tmp_path, frames):
 
 def test_list_layout_with_some_masks(tmp_path):
     root = make_layout(tmp_path / "root", ["c", "a", "b"], with_masks={"a", "c"})
-    cases = stacks.list_cases(str(root))
+    cases = list_cases(str(root))
     assert [c.case_id for c in cases] == ["a", "b", "c"]
-    assert cases[0] == CaseRef("a", f"{root}/{layout.IMAGES_DIR}/a.mha", f"{root}/{layout.MASKS_DIR}/a.mha")
+    assert cases[0] == CaseRef("a", f"{root}/{layout.IMAGES_DIR}/a.mha", None, f"{root}/{layout.MASKS_DIR}/a.mha")
     assert cases[1].mask_uri is None
     assert cases[2].mask_uri == f"{root}/{layout.MASKS_DIR}/c.mha"
 
@@ -117,14 +118,17 @@ def test_list_layout_with_some_masks(tmp_path):
 def test_list_layout_without_masks_folder(tmp_path):
     root = make_layout(tmp_path / "root", ["x", "y"])
     (root / layout.MASKS_DIR).rmdir()
-    cases = stacks.list_cases(str(root) + "/")
+    cases = list_cases(str(root) + "/")
     assert [(c.case_id, c.mask_uri) for c in cases] == [("x", None), ("y", None)]
 
 
-def test_list_layout_mask_needs_same_suffix(tmp_path):
+def test_list_layout_mask_found_by_case_id(tmp_path):
     root = make_layout(tmp_path / "root", ["a"], suffix=".nii.gz")
     write_stack(root / layout.MASKS_DIR / "a.mha", np.zeros((T, H, W), np.uint8))
-    assert stacks.list_cases(str(root))[0].mask_uri is None
+    assert list_cases(str(root))[0].mask_uri == f"{root}/{layout.MASKS_DIR}/a.mha"
+    write_stack(root / layout.MASKS_DIR / "a.nrrd", np.zeros((T, H, W), np.uint8))
+    with pytest.raises(errors.InputError, match=r"two masks for case 'a': a\.mha and a\.nrrd"):
+        list_cases(str(root))
 
 
 def test_list_bare_folder_of_mixed_formats(tmp_path, frames):
@@ -134,11 +138,11 @@ def test_list_bare_folder_of_mixed_formats(tmp_path, frames):
     (tmp_path / ".hidden.mha").write_text("x")
     (tmp_path / "sub").mkdir()
     write_stack(tmp_path / "sub" / "d.mha", frames)
-    cases = stacks.list_cases(str(tmp_path))
-    assert [(c.case_id, os.path.basename(c.image_uri), c.mask_uri) for c in cases] == [
+    cases = list_cases(str(tmp_path))
+    assert [(c.case_id, os.path.basename(c.source), c.mask_uri) for c in cases] == [
         ("a", "a.mha", None), ("b", "b.nii.gz", None), ("c", "c.nrrd", None)
     ]
-    assert cases[0].image_uri == f"{tmp_path}/a.mha"
+    assert cases[0].source == f"{tmp_path}/a.mha"
 
 
 def test_list_text_file(tmp_path):
@@ -147,7 +151,7 @@ def test_list_text_file(tmp_path):
     listing.write_text(
         "# archive of 2025\n\ns3://bucket/x/z.mha\n  rel/y.nii.gz  \n/abs/path/a.nrrd\n# done\n"
     )
-    cases = stacks.list_cases(str(listing))
+    cases = list_cases(str(listing))
     assert cases == [
         CaseRef("a", "/abs/path/a.nrrd"),
         CaseRef("y", f"{listing.parent}/rel/y.nii.gz"),
@@ -158,8 +162,8 @@ def test_list_text_file(tmp_path):
 def test_list_text_file_rejects_non_images(tmp_path):
     listing = tmp_path / "cases.txt"
     listing.write_text("a.mha\nb.png\n")
-    with pytest.raises(errors.InputError, match=r"cases\.txt: line 2: 'b\.png' is not a stacked image"):
-        stacks.list_cases(str(listing))
+    with pytest.raises(errors.InputError, match=r"cases\.txt: 1 listed file\(s\) unusable, the first: .*b\.png: "):
+        list_cases(str(listing))
 
 
 def test_list_memory_url_keeps_scheme(memory_root, tmp_path):
@@ -167,30 +171,30 @@ def test_list_memory_url_keeps_scheme(memory_root, tmp_path):
     fs = fsspec.filesystem("memory")
     for path in local.rglob("*.mha"):
         fs.pipe(f"{memory_root}/{path.relative_to(local).as_posix()}", path.read_bytes())
-    cases = stacks.list_cases(memory_root)
+    cases = list_cases(memory_root)
     assert cases == [
-        CaseRef("a", f"{memory_root}/{layout.IMAGES_DIR}/a.mha", None),
-        CaseRef("b", f"{memory_root}/{layout.IMAGES_DIR}/b.mha", f"{memory_root}/{layout.MASKS_DIR}/b.mha"),
+        CaseRef("a", f"{memory_root}/{layout.IMAGES_DIR}/a.mha"),
+        CaseRef("b", f"{memory_root}/{layout.IMAGES_DIR}/b.mha", None, f"{memory_root}/{layout.MASKS_DIR}/b.mha"),
     ]
-    stack, mask = stacks.read_case(cases[1], with_mask=True)
+    stack, mask = read_case(cases[1], with_mask=True)
     assert stack.frames.shape == mask.shape == (T, H, W)
     # a bare memory:// prefix and a list stored in memory
-    assert [c.image_uri for c in stacks.list_cases(f"{memory_root}/{layout.IMAGES_DIR}")] == [
-        c.image_uri for c in cases
+    assert [c.source for c in list_cases(f"{memory_root}/{layout.IMAGES_DIR}")] == [
+        c.source for c in cases
     ]
     fs.pipe(f"{memory_root}/list.txt", b"images/stacked_fetal_ultrasound/b.mha\n")
-    assert stacks.list_cases(f"{memory_root}/list.txt") == [CaseRef("b", cases[1].image_uri)]
+    assert list_cases(f"{memory_root}/list.txt") == [cases[1]]  # the list's folder is the root: b's mask found
 
 
 def test_list_duplicate_case_ids(tmp_path, frames):
     write_stack(tmp_path / "a.mha", frames)
     write_stack(tmp_path / "a.nii.gz", frames)
     with pytest.raises(errors.InputError, match="duplicate case id 'a'"):
-        stacks.list_cases(str(tmp_path))
+        list_cases(str(tmp_path))
     listing = tmp_path / "l.txt"
     listing.write_text("x/a.mha\ny/a.mha\n")
     with pytest.raises(errors.InputError, match="duplicate case id 'a'"):
-        stacks.list_cases(str(listing))
+        list_cases(str(listing))
 
 
 @pytest.mark.parametrize("what", ["empty folder", "missing path", "empty list", "missing list"])
@@ -204,13 +208,13 @@ def test_list_nothing_found(tmp_path, what):
     if what == "empty list":
         Path(url).write_text("# nothing yet\n")
     with pytest.raises(errors.MissingObjectError) as info:
-        stacks.list_cases(url)
+        list_cases(url)
     assert str(info.value).startswith(url + ": ")
 
 
 def test_list_empty_memory_prefix(memory_root):
     with pytest.raises(errors.MissingObjectError, match="fetaliqa-test"):
-        stacks.list_cases(memory_root)
+        list_cases(memory_root)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -393,21 +397,21 @@ def test_mask_bad_values_are_listed(tmp_path, image_stack, dtype):
 
 def test_read_case_with_and_without_mask(tmp_path):
     root = make_layout(tmp_path / "root", ["a", "b"], with_masks={"a"})
-    a, b = stacks.list_cases(str(root))
-    stack, mask = stacks.read_case(a, with_mask=True)
+    a, b = list_cases(str(root))
+    stack, mask = read_case(a, with_mask=True)
     assert stack.frames.shape == mask.shape == (T, H, W)
-    assert stacks.read_case(b)[1] is None
+    assert read_case(b)[1] is None
     with pytest.raises(errors.MissingMaskError) as info:
-        stacks.read_case(b, with_mask=True)
-    assert str(info.value).startswith(f"{b.image_uri}: no mask for case 'b'")
+        read_case(b, with_mask=True)
+    assert str(info.value).startswith(f"{b.source}: no mask for case 'b'")
 
 
 def test_read_case_missing_mask_object(tmp_path):
     root = make_layout(tmp_path / "root", ["a"], with_masks={"a"})
-    case = stacks.list_cases(str(root))[0]
+    case = list_cases(str(root))[0]
     os.remove(case.mask_uri)
     with pytest.raises(errors.MissingObjectError, match=f"^{case.mask_uri}: "):
-        stacks.read_case(case, with_mask=True)
+        read_case(case, with_mask=True)
 
 
 # ------------------------------------------------------------------------------------------- csv

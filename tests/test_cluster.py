@@ -21,7 +21,8 @@ import pytest
 from conftest import REPO, run_cli
 from loopback_s3 import free_port
 
-from fetaliqa.inputs.stacks import list_cases, read_image_stack
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_image_stack
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.schema import ERRORS, FRAMES
 
@@ -122,7 +123,7 @@ def test_ray_job_submit_scores_an_archive_on_a_two_node_cluster(cluster, small_a
     assert f"Job '{submission_id}' succeeded" in status.stdout, status.stdout + status.stderr
     assert "4 cases scored" in submit.stdout
 
-    expected = sum(read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(small_archive)))
+    expected = sum(read_image_stack(c.source).frames.shape[0] for c in list_cases(str(small_archive)))
     assert read_table(str(out), FRAMES).num_rows == expected
 
     # The uploaded working dir honours .gitignore: no virtualenv, a small package.

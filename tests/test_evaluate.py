@@ -17,7 +17,8 @@ from conftest import own_stderr_lines
 from fetaliqa.evaluation import acouslic
 from fetaliqa.evaluation.report import evaluate
 from fetaliqa.inputs import layout
-from fetaliqa.inputs.stacks import list_cases, read_circumferences, read_image_stack
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_circumferences, read_image_stack
 from fetaliqa.score import ledger, schema
 
 from jobs import evaluate as evaluate_job
@@ -290,11 +291,11 @@ def test_scoring_then_evaluating_a_synthetic_archive(small_archive, seg_scores, 
 
     m = json.loads((report_dir / "metrics.json").read_text())
     assert {"run", "frame_metrics", "per_sweep", "case_metrics", "excluded_cases", "plots"} <= set(m)
-    archive_frames = sum(read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(small_archive)))
+    archive_frames = sum(read_image_stack(c.source).frames.shape[0] for c in list_cases(str(small_archive)))
     assert m["frame_metrics"]["n"] == archive_frames == sum(s["n"] for s in m["per_sweep"])
     # the paper's table counts the frames of the sweeps the csv gives an AC
     acs = read_circumferences(str(small_archive))
-    ac_sweep_frames = sum(read_image_stack(c.image_uri).frames.shape[0] // 6 * sum(a is not None for a in acs[c.case_id])
+    ac_sweep_frames = sum(read_image_stack(c.source).frames.shape[0] // 6 * sum(a is not None for a in acs[c.case_id])
                           for c in list_cases(str(small_archive)))
     assert 0 < m["frame_metrics_paper"]["n"] == ac_sweep_frames < archive_frames
     assert 0 <= m["frame_metrics_paper"]["pixel_f_score"] <= 1

@@ -165,7 +165,7 @@ def test_read_prediction_refuses_a_bad_file_in_one_line_naming_it(tmp_path, fram
 def test_a_file_that_is_no_image_or_no_json_is_named(tmp_path):
     write_prediction(tmp_path, "case", 1, np.zeros((T, H, W), np.uint8))
     (tmp_path / "case" / SEGMENTATION).write_bytes(b"not an image at all")
-    with pytest.raises(PredictionError, match=f"{tmp_path}/case/{SEGMENTATION}: not an image SimpleITK reads"):
+    with pytest.raises(PredictionError, match=f"{tmp_path}/case/{SEGMENTATION}: not an image SimpleITK can read"):
         read_prediction(str(tmp_path), "case", (T, H, W))
     (tmp_path / "case" / FRAME_NUMBER).write_text("{frame: 1")
     with pytest.raises(PredictionError, match=f"{tmp_path}/case/{FRAME_NUMBER}: not JSON"):

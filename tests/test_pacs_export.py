@@ -22,7 +22,8 @@ from fetaliqa.errors import InputError
 from fetaliqa.evaluation.challenge_format import read_prediction, write_prediction
 from fetaliqa.score import ledger
 from fetaliqa.score.ledger import read_table
-from fetaliqa.score.read import list_archive, listing_notes, read_case_row
+from fetaliqa.inputs.listing import list_archive, listing_notes
+from fetaliqa.score.read import read_case_row
 from fetaliqa.score.schema import CASES, ERRORS
 from fetaliqa.synthetic.archive import synthetic_cases
 from fetaliqa.synthetic.dicom import encode_sweep, study_uid_of

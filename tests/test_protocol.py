@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fetaliqa.errors import FetaliqaError
-from fetaliqa.inputs.stacks import list_cases, read_case, read_circumferences
+from fetaliqa.inputs.cases import read_case
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_circumferences
 from fetaliqa.training.data import case_items, read_frames
 from fetaliqa.training.protocol import (
     SPLIT_FILE,
@@ -71,7 +73,7 @@ def test_only_sweeps_with_an_ac_value_are_selected_and_labels_follow_the_masks(a
         for item in case_items(cases, split, part):
             batch = {key: np.array([value], dtype=object) for key, value in item.items()}
             rows = read_frames(batch, with_masks=True)
-            _, masks = read_case(next(c for c in cases if c.case_id == item["case_id"]), with_mask=True)
+            _, masks = read_case(item["case"], with_mask=True)
             expected = selected_frames(item["sweeps"], len(masks))
             assert rows["frame"].tolist() == expected.tolist()
             assert rows["sweep"].tolist() == [f // 5 + 1 for f in expected]

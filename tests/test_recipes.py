@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import own_stderr_lines
 
-from fetaliqa.inputs.stacks import list_cases, read_case, read_circumferences
+from fetaliqa.inputs.cases import read_case
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_circumferences
 from fetaliqa.preprocess import resize_frames
 from fetaliqa.score.read import read_case_row
 from fetaliqa.training.augment import pad_to_square
@@ -37,7 +39,7 @@ def one_case_row(archive: str, part: str):
     cases = list_cases(archive)
     split = make_split([c.case_id for c in cases], read_circumferences(archive), PAPER_SEED, recipe="paper")
     item = case_items(cases, split, part)[0]
-    case = next(c for c in cases if c.case_id == item["case_id"])
+    case = item["case"]
     return {k: np.array([v], dtype=object) for k, v in item.items()}, case, item
 
 
@@ -68,9 +70,9 @@ def test_scoring_a_paper_checkpoint_feeds_the_model_the_papers_test_images(archi
     # what `jobs.score` reads for a checkpoint of `--recipe paper` (its preprocess names the recipe's resize)
     test_batch, case, item = one_case_row(archive, "test")
     paper = read_paper_frames(test_batch, with_masks=False, copies=1, seed=PAPER_SEED)
-    scored = read_case_row(case.case_id, case.image_uri, resize=RECIPES["paper"].resize)["images"][paper["frame"]]
+    scored = read_case_row(case.case_id, case.source, resize=RECIPES["paper"].resize)["images"][paper["frame"]]
     assert np.array_equal(scored, paper["image"])
-    fetaliqa = read_case_row(case.case_id, case.image_uri, resize=RECIPES["fetaliqa"].resize)["images"]
+    fetaliqa = read_case_row(case.case_id, case.source, resize=RECIPES["fetaliqa"].resize)["images"]
     assert np.array_equal(fetaliqa, resize_frames(read_case(case)[0].frames))
 
 

@@ -15,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO, own_stderr_lines, run_cli
 
-from fetaliqa.inputs.stacks import list_cases, read_image_stack
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_image_stack
 from fetaliqa.models import load_checkpoint
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.predict import KILL_ONCE_ENV, ScoreFrames
@@ -30,7 +31,7 @@ def score(*flags: str) -> int:
 
 
 def frames_of(archive: Path) -> dict[str, int]:
-    return {c.case_id: read_image_stack(c.image_uri).frames.shape[0] for c in list_cases(str(archive))}
+    return {c.case_id: read_image_stack(c.source).frames.shape[0] for c in list_cases(str(archive))}
 
 
 def keyed_scores(output: str, storage_options=None) -> dict[tuple[str, int], float]:
@@ -64,7 +65,7 @@ def test_cls_run_writes_the_documented_schema_and_every_frame(small_archive, cls
 def test_scores_equal_the_predictor_applied_without_ray(small_archive, cls_checkpoint, cls_scores):
     out = cls_scores
     case = list_cases(str(small_archive))[0]
-    row = read_case_row(case.case_id, case.image_uri)
+    row = read_case_row(case.case_id, case.source)
     direct = ScoreFrames(cls_checkpoint, batch_size=5)({key: np.array([value]) for key, value in row.items()})
     got = keyed_scores(out)
     np.testing.assert_allclose([got[(case.case_id, f)] for f in range(len(direct["scores"][0]))],
@@ -133,7 +134,7 @@ def bad_archive(root: Path, good: Path) -> dict[str, str]:
 def test_bad_inputs_are_recorded_and_every_good_case_is_scored(ray_local, small_archive, cls_checkpoint, tmp_path):
     expected = bad_archive(tmp_path / "archive", small_archive)
     listing = tmp_path / "cases.txt"
-    uris = [c.image_uri for c in list_cases(str(tmp_path / "archive"))] + [str(tmp_path / "nowhere" / "gone.mha")]
+    uris = [c.source for c in list_cases(str(tmp_path / "archive"))] + [str(tmp_path / "nowhere" / "gone.mha")]
     listing.write_text("\n".join(uris) + "\n")
     expected["gone"] = "missing"
     out = str(tmp_path / "out")

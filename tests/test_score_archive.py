@@ -24,7 +24,8 @@ from fetaliqa.errors import InputError
 from fetaliqa.score import ledger
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.predict import ScoreFrames
-from fetaliqa.score.read import LISTING_SCHEMA, CaseReader, list_archive, read_case_row
+from fetaliqa.inputs.listing import LISTING_SCHEMA, list_archive
+from fetaliqa.score.read import CaseReader, read_case_row
 from fetaliqa.score.schema import CASES, ERRORS, FRAMES
 from fetaliqa.synthetic.archive import write_synthetic_archive
 

@@ -14,7 +14,8 @@ from pydicom.uid import MPEG4HP41
 
 from fetaliqa.inputs import layout
 from fetaliqa.score.ledger import read_table
-from fetaliqa.score.read import list_archive, listing_notes, read_case_row
+from fetaliqa.inputs.listing import list_archive, listing_notes
+from fetaliqa.score.read import read_case_row
 from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA
 from fetaliqa.synthetic.archive import write_synthetic_archive
 from fetaliqa.synthetic.dicom import DICOM_DIR, study_uid_of, write_synthetic_dicom_archive

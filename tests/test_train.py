@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from fetaliqa.evaluation.metrics import best_f1_threshold
-from fetaliqa.inputs.stacks import list_cases, read_circumferences
+from fetaliqa.inputs.listing import list_cases
+from fetaliqa.inputs.stacks import read_circumferences
 from fetaliqa.models import LoraSpec, build_model, load_checkpoint
 from fetaliqa.models.normalize import normalize_frames
 from fetaliqa.score.ledger import read_table
@@ -99,7 +100,7 @@ def test_cls_run_survives_a_killed_worker_exports_its_best_epoch_and_is_not_retr
 
     # The scoring job takes the checkpoint as it is (here on the test cases, listed in a .txt).
     listing, scored = tmp_path / "test-cases.txt", tmp_path / "scores"
-    listing.write_text("".join(f"{c.image_uri}\n" for c in list_cases(str(train_archive)) if c.case_id in split["test"]))
+    listing.write_text("".join(f"{c.source}\n" for c in list_cases(str(train_archive)) if c.case_id in split["test"]))
     assert score_job.main(["--input", str(listing), "--checkpoint", str(out / "checkpoint"),
                            "--output", str(scored)]) == 0
     frames = read_table(str(scored), FRAMES)

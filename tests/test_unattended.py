@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import run_cli
 
-from fetaliqa.inputs.stacks import list_cases
+from fetaliqa.inputs.listing import list_cases
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.read import KILL_READ_ENV
 from fetaliqa.score.schema import CASES, ERRORS, FRAMES

@@ -13,7 +13,8 @@ A fetaliqa run's prediction of a case (`run_prediction`): fetaliqa's selection r
 highest-scoring frame (the first on a tie) when that frame is positive, else none (-1); its mask is that
 frame's `mask_png` decoded (> 0) for SEG, and an empty mask for CLS (no mask) or when nothing is selected.
 The exported stack has the scored image's T x H x W and spacing (read from the header of the case's
-`source`, which must still be readable), all zero but for the selected frame.
+`source`, which must still be readable: a stacked image, or a DICOM study's first sweep, whose ultrasound region
+gives H x W), all zero but for the selected frame (spacing 1 mm where a study states none).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import SimpleITK as sitk
 
 from fetaliqa.errors import InputError
 from fetaliqa.inputs import storage
-from fetaliqa.inputs.stacks import read_image_geometry
+from fetaliqa.inputs import layout
+from fetaliqa.inputs.cases import file_geometry
+from fetaliqa.inputs.stacks import read_header
 from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.schema import CASES, FRAMES
@@ -147,16 +150,28 @@ def export_run(scores_url: str, output_url: str, storage_options: StorageOptions
         rows = grouped.get(case_id)
         if rows is None or not np.array_equal(rows["frame"], np.arange(n)):
             raise InputError(scores_url, f"case {case_id}: frames/ does not hold frames 0..{n - 1}")
-        shape, spacing = read_image_geometry(case["source"], so)
-        if shape[0] != n:
-            raise InputError(case["source"], f"{shape[0]} frames; the run scored {n}")
+        shape, spacing = _scored_geometry(case, so)
         try:
             frame, mask = run_prediction(rows, shape[1:])
         except ValueError as err:
             raise InputError(scores_url, f"case {case_id}: {err}") from err
-        write_prediction(output_url, case_id, frame, mask, shape, spacing, so)
+        write_prediction(output_url, case_id, frame, mask, shape, spacing or (1.0, 1.0), so)
         selected += frame != NO_FRAME
     return {"task": "seg" if is_seg_run(frames) else "cls", "cases": cases.num_rows, "selected": int(selected)}
+
+
+def _scored_geometry(case: dict, storage_options: StorageOptions):
+    """(T, H, W) and spacing (or None) of a scored case (a cases/ row) from its source's header
+    (`fetaliqa.inputs.cases.file_geometry`). cases/ names a DICOM study by its first sweep, whose cropped size and
+    spacing the study's sweeps share (its reader checks it); T is then the frames the run scored. A stacked
+    image's own T must be the run's: else `InputError` naming it."""
+    source, n = case["source"], case["frames"]
+    shape, spacing = file_geometry(source, storage_options)
+    if not layout.image_suffix(source):  # a DICOM study's first sweep
+        return (n, *shape[1:]), spacing
+    if shape[0] != n:
+        raise InputError(source, f"{shape[0]} frames; the run scored {n}")
+    return shape, spacing
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -213,12 +228,7 @@ def read_prediction(root_url: str, case_id: str, shape: tuple[int, int, int],
 
 
 def _read_frame(local: str, url: str, frame: int, shape: tuple[int, int, int]) -> np.ndarray:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(local)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise PredictionError(url, "not an image SimpleITK reads") from err
+    reader = read_header(local, url)  # an unreadable header: the stacks' own error, as a PredictionError
     size = tuple(reader.GetSize()[::-1])
     if size != tuple(shape) or reader.GetNumberOfComponents() != 1:
         raise PredictionError(url, f"stack of shape {size} ({reader.GetNumberOfComponents()} components); "

@@ -64,7 +64,7 @@ aggregate covers the evaluated cases and says how many were excluded.
 
 Masks are read once per case, one case at a time (a full-size mask stack is 351 MB), and only the mask is
 decoded, not the image (unless the FOV is derived): ~0.4 s per full-size case here, against ~10 s for
-`read_case(..., with_mask=True)` on a loaded 2-core machine (the image is what costs).
+`fetaliqa.inputs.cases.read_case(..., with_mask=True)` on a loaded 2-core machine (the image is what costs).
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ from fetaliqa.evaluation import challenge_format
 from fetaliqa.evaluation import metrics
 from fetaliqa.inputs import layout
 from fetaliqa.inputs import storage
-from fetaliqa.inputs.stacks import CaseRef, list_cases, read_circumferences, read_image_stack, read_mask_stack
+from fetaliqa.inputs.cases import read_case_frames
+from fetaliqa.inputs.listing import CaseRef, archive_root, list_cases
+from fetaliqa.inputs.stacks import read_circumferences, read_mask_stack
 from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import IMAGE_SIZE, mask_to_model
 from fetaliqa.score.ledger import read_table
@@ -170,7 +172,7 @@ class Fov:
                                            f"{tuple(shape)}")
             return self.array
         try:
-            frames = read_image_stack(case.image_uri, storage_options).frames
+            frames = read_case_frames(case, storage_options).frames
         except InputError as err:
             raise _Excluded("image_error", f"FOV not derived: {err}") from err
         if frames.shape[1:] != tuple(shape):
@@ -235,7 +237,7 @@ def paper_frame_table(cases: list[PaperFrames], task: str) -> dict:
 
 def _circumferences(data_url: str, storage_options: StorageOptions) -> tuple[dict, str | None]:
     try:
-        return read_circumferences(data_url, storage_options), None
+        return read_circumferences(archive_root(data_url), storage_options), None
     except InputError as err:  # missing or malformed: frame metrics, WFSS and Dice do not need it
         return {}, f"circumference csv not used ({err}): NAE of AC not computed"
 
@@ -257,8 +259,9 @@ def evaluate(scores_url: str, data_url: str, storage_options: StorageOptions = N
     """Join a scoring run with the archive's masks and compute frame, sweep and case metrics, and the
     challenge's (under "acouslic", with `fov`: default derived per case).
 
-    scores_url : the `--output` folder of `fetaliqa score`. data_url : the ACOUSLIC-layout root that was
-    scored (masks, and the circumference csv when present). Raises `InputError` when no case can be
+    scores_url : the `--output` folder of `fetaliqa score`. data_url : what was scored, any input of
+    `fetaliqa.inputs.listing` whose root holds the masks (and the circumference csv when present) in the
+    ACOUSLIC layout: stacked images, or DICOM studies with masks keyed by StudyInstanceUID. Raises `InputError` when no case can be
     evaluated at all (the message counts the reasons).
     """
     so, fov = storage_options, fov or Fov()
@@ -344,13 +347,13 @@ def _unscored_cases(archive: dict, cases: pa.Table, errors: pa.Table) -> list[di
     """Cases with a scoring error, and archive cases the run holds nothing for."""
     excluded, failed = [], set()
     for error in errors.to_pylist():
-        case_id = layout.case_id_of(error["source"])
+        case_id = error["case_id"]
         failed.add(case_id)
         excluded.append({"case_id": case_id, "source": error["source"], "reason": "scoring_error",
                          "message": f"{error['error']}: {error['message']}"})
     scored = set(cases["case_id"].to_pylist())
     for case_id in sorted(set(archive) - scored - failed):
-        excluded.append({"case_id": case_id, "source": archive[case_id].image_uri, "reason": "not_scored",
+        excluded.append({"case_id": case_id, "source": archive[case_id].source, "reason": "not_scored",
                          "message": "in the archive but in neither cases/ nor errors/ of the run "
                                     "(not in its input, or the run was interrupted: rerun score to complete it)"})
     return excluded

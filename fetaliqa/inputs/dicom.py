@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pydicom
@@ -136,6 +136,13 @@ class InstanceHeader:
     columns: int
     samples: int = 1
     bits_allocated: int = 8
+    region: tuple[int, int, int, int] | None = None  # `imaging_region`'s crop box; None: the whole frame
+    spacing_mm: tuple[float, float] | None = None  # `imaging_region`'s (row, col) spacing
+
+    def cropped_size(self) -> tuple[int, int]:
+        """(h, w) of the frames once cropped to `region`: what `read_dicom_instance` returns."""
+        top, left, bottom, right = self.region or (0, 0, self.rows, self.columns)
+        return bottom - top, right - left
 
     def decoded_bytes(self) -> int:
         """Bytes of the instance's stored frames once decoded: frames x rows x columns x samples x bits / 8."""
@@ -281,6 +288,7 @@ def _header(ds: Dataset, uri: str) -> InstanceHeader:
             instance_number=_int_or_none(ds.get("InstanceNumber")), acquisition=_acquisition(ds),
             frames=int(ds.get("NumberOfFrames") or 1), rows=int(ds.Rows), columns=int(ds.Columns),
             samples=int(ds.get("SamplesPerPixel") or 1), bits_allocated=int(ds.get("BitsAllocated") or 8))
+        region, spacing, _, _ = imaging_region(ds)
     except (TypeError, ValueError) as err:
         raise DicomHeaderError(uri, f"invalid DICOM header value ({err})") from err
     counts = {"NumberOfFrames": header.frames, "Rows": header.rows, "Columns": header.columns,
@@ -288,7 +296,7 @@ def _header(ds: Dataset, uri: str) -> InstanceHeader:
     bad = [f"{name} {value}" for name, value in counts.items() if value < 1]
     if bad:
         raise DicomHeaderError(uri, f"invalid DICOM header value ({', '.join(bad)})")
-    return header
+    return replace(header, region=region, spacing_mm=spacing)
 
 
 def _int_or_none(value) -> int | None:

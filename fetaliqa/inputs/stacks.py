@@ -1,4 +1,6 @@
-"""List and read ACOUSLIC-layout archives (or bare folders and lists of stacks) from any fsspec URL.
+"""Read stacked images (MetaImage, NIfTI, NRRD), their masks and the circumference csv from any fsspec URL.
+
+Cases are listed by `fetaliqa.inputs.listing` and read, whatever their format, through `fetaliqa.inputs.cases`.
 
 Shapes: an image stack is ``(T, H, W)`` uint8, frame axis first (as SimpleITK's ``GetArrayFromImage``
 gives it); a mask stack has the same shape with values in {0, 1, 2}. T is a multiple of
@@ -20,7 +22,6 @@ import gzip
 import io
 import math
 import os
-import posixpath
 import struct
 import zlib
 from dataclasses import dataclass
@@ -35,29 +36,16 @@ from fetaliqa.errors import (
     BadFrameCountError,
     BadMaskValuesError,
     BadShapeError,
-    InputError,
     MalformedCsvError,
     MaskMismatchError,
-    MissingMaskError,
-    MissingObjectError,
     NotAnImageError,
     TooLargeError,
     TruncatedFileError,
 )
 from fetaliqa.inputs.storage import StorageOptions
 
-LIST_SUFFIX = ".txt"
 _SUFFIXES_TEXT = ", ".join(layout.IMAGE_SUFFIXES)
 _MASK_LABELS = (layout.MASK_BACKGROUND, layout.MASK_OPTIMAL, layout.MASK_SUBOPTIMAL)
-
-
-@dataclass(frozen=True)
-class CaseRef:
-    """One case of an archive: its id (the image's file name without suffix) and where to read it."""
-
-    case_id: str
-    image_uri: str
-    mask_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,111 +53,13 @@ class Stack:
     """A decoded image stack.
 
     frames: ``(T, H, W)`` uint8, C-contiguous. spacing_mm: ``(row, col)`` pixel spacing in mm from the
-    header. source: the URI it was read from.
+    header (None only for a DICOM study whose instances state none, `fetaliqa.inputs.cases`). source: the URI it
+    was read from (a DICOM study's: its first sweep's).
     """
 
     frames: np.ndarray
     spacing_mm: tuple[float, float]
     source: str
-
-
-# ---------------------------------------------------------------------------------------------- listing
-
-
-def list_cases(input_url: str, storage_options: StorageOptions = None) -> list[CaseRef]:
-    """The cases under `input_url`, sorted by case id.
-
-    `input_url` is one of:
-    - the root of an ACOUSLIC layout (it holds ``images/stacked_fetal_ultrasound/``): one case per image
-      there; `mask_uri` is set where ``masks/stacked_fetal_abdomen/<id><same suffix>`` exists;
-    - a folder (or object-store prefix) of bare stacked images with any of `layout.IMAGE_SUFFIXES`
-      (not recursive; hidden files ignored): `mask_uri` is None;
-    - a ``.txt`` file listing one image URI per line (blank lines and lines starting with '#' ignored;
-      a relative entry is taken relative to the list's folder): `mask_uri` is None;
-    - a single image file: one case.
-
-    URIs in the result keep the scheme of `input_url` (``s3://bucket/...`` stays ``s3://...``).
-    Raises `MissingObjectError` when nothing is found and `InputError` for duplicate case ids.
-    Objects are listed, not opened: a missing or broken image is reported when the case is read.
-    """
-    fs, path = storage.filesystem(input_url, storage_options)
-    try:
-        if input_url.lower().endswith(LIST_SUFFIX) and fs.isfile(path):
-            with fs.open(path, "rt", encoding="utf-8-sig") as f:
-                text = f.read()
-            cases = _cases_from_list(input_url, text)
-        elif fs.isdir(storage.join(path, layout.IMAGES_DIR)):
-            cases = _cases_from_layout(fs, path, input_url)
-        elif fs.isdir(path):
-            cases = _cases_from_folder(fs, path, input_url)
-        elif layout.image_suffix(input_url) and fs.isfile(path):
-            cases = [CaseRef(layout.case_id_of(input_url), input_url)]
-        else:
-            raise MissingObjectError(input_url, "no such folder, image or list file")
-    except InputError:
-        raise
-    except UnicodeDecodeError as err:
-        raise InputError(input_url, "case list is not UTF-8 text") from err
-    except Exception as err:  # noqa: BLE001 - every filesystem raises its own types
-        raise storage.describe_io_error(input_url, err) from err
-    if not cases:
-        raise MissingObjectError(
-            input_url, f"no images found (looked for {_SUFFIXES_TEXT} files)"
-        )
-    return _sorted_unique(input_url, cases)
-
-
-def _image_names(fs, path: str) -> list[str]:
-    """Sorted names of the image files directly inside folder `path` of `fs` (hidden files left out)."""
-    entries = fs.ls(path, detail=True)
-    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if storage.is_file_entry(fs, e))
-    return sorted(n for n in names if layout.image_suffix(n) and not n.startswith("."))
-
-
-def _cases_from_folder(fs, path: str, url: str) -> list[CaseRef]:
-    return [CaseRef(layout.case_id_of(n), storage.join(url, n)) for n in _image_names(fs, path)]
-
-
-def _cases_from_layout(fs, root: str, root_url: str) -> list[CaseRef]:
-    masks_dir = storage.join(root, layout.MASKS_DIR)
-    masks = set(_image_names(fs, masks_dir)) if fs.isdir(masks_dir) else set()
-    return [
-        CaseRef(
-            layout.case_id_of(name),
-            storage.join(root_url, layout.IMAGES_DIR, name),
-            storage.join(root_url, layout.MASKS_DIR, name) if name in masks else None,
-        )
-        for name in _image_names(fs, storage.join(root, layout.IMAGES_DIR))
-    ]
-
-
-def _cases_from_list(list_url: str, text: str) -> list[CaseRef]:
-    base = list_url[: list_url.rfind("/") + 1]  # the list's folder, with its scheme and trailing '/'
-    cases = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        if not layout.image_suffix(entry):
-            raise InputError(
-                list_url,
-                f"line {number}: {entry!r} is not a stacked image (expected one of {_SUFFIXES_TEXT})",
-            )
-        uri = entry if "://" in entry or entry.startswith("/") else base + entry
-        cases.append(CaseRef(layout.case_id_of(uri), uri))
-    return cases
-
-
-def _sorted_unique(source: str, cases: list[CaseRef]) -> list[CaseRef]:
-    seen: dict[str, CaseRef] = {}
-    for case in cases:
-        if case.case_id in seen:
-            raise InputError(
-                source,
-                f"duplicate case id {case.case_id!r}: {seen[case.case_id].image_uri} and {case.image_uri}",
-            )
-        seen[case.case_id] = case
-    return sorted(cases, key=lambda c: c.case_id)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -205,7 +95,7 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes
     `layout.SWEEPS_PER_CASE`).
     """
     with storage.local_copy(uri, storage_options) as local:
-        reader = _read_header(local, uri)
+        reader = read_header(local, uri)
         n_frames = _stack_shape(reader, uri)[0]
         _check_decoded_size(reader, uri, max_bytes)
         _check_scalar(reader, uri)
@@ -232,10 +122,10 @@ def read_image_geometry(uri: str, storage_options: StorageOptions = None
     for an image that is not 3-D, each naming `uri`."""
     try:
         with storage.local_copy(uri, storage_options, max_bytes=HEADER_BYTES) as local:
-            reader = _read_header(local, uri)
+            reader = read_header(local, uri)
     except TruncatedFileError:
         with storage.local_copy(uri, storage_options) as local:
-            reader = _read_header(local, uri)
+            reader = read_header(local, uri)
     spacing = reader.GetSpacing()
     return _stack_shape(reader, uri), (float(spacing[1]), float(spacing[0]))
 
@@ -251,7 +141,7 @@ def read_mask_stack(uri: str, image: Stack | None = None, storage_options: Stora
     `max_bytes` as there).
     """
     with storage.local_copy(uri, storage_options) as local:
-        reader = _read_header(local, uri)
+        reader = read_header(local, uri)
         shape = tuple(reader.GetSize())[::-1]
         if image is not None and shape != image.frames.shape:
             raise MaskMismatchError(
@@ -279,23 +169,6 @@ def read_mask_stack(uri: str, image: Stack | None = None, storage_options: Stora
     return view.astype(np.uint8)
 
 
-def read_case(
-    case: CaseRef, storage_options: StorageOptions = None, with_mask: bool = False
-) -> tuple[Stack, np.ndarray | None]:
-    """Read a case's image stack and, when `with_mask`, its mask stack (else None).
-
-    With `with_mask` and no mask for the case, raises `MissingMaskError` naming the image before
-    anything is decoded.
-    """
-    if with_mask and case.mask_uri is None:
-        raise MissingMaskError(
-            case.image_uri, f"no mask for case {case.case_id!r} (expected one in {layout.MASKS_DIR}/)"
-        )
-    stack = read_image_stack(case.image_uri, storage_options)
-    mask = read_mask_stack(case.mask_uri, stack, storage_options) if with_mask else None
-    return stack, mask
-
-
 class _PixelBuffer:
     """Owner of a SimpleITK image whose pixels a numpy array uses in place.
 
@@ -312,7 +185,9 @@ class _PixelBuffer:
         self.__array_interface__ = interface
 
 
-def _read_header(local: str, uri: str) -> sitk.ImageFileReader:
+def read_header(local: str, uri: str) -> sitk.ImageFileReader:
+    """The header of the image at local path `local` (`ReadImageInformation`: no pixel decoded); `TruncatedFileError`
+    or `NotAnImageError` naming `uri` when SimpleITK cannot read it."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(local)
     try:

@@ -1,7 +1,7 @@
 """Scoring at archive scale, one module per stage; `jobs/score.py` composes them:
 
 ```
-list_archive (driver, once, streaming)   -> (case_id, source, instances) table, minus the cases already committed
+inputs.listing.list_archive (driver, once) -> (case_id, source, instances) table, minus the cases already committed
                                             (DICOM: headers grouped into studies by inputs.dicom_studies)
   | ReadCases      read.CaseReader        CPU tasks: fsspec GET -> SimpleITK or pydicom -> (T, 224, 224) uint8, one block a case
   | ScoreFrames    predict.ScoreFrames    actors holding the model (GPU or CPU): scores (T,), SEG masks bit-packed

@@ -20,7 +20,8 @@ from ray.data import Dataset, RandomSeedConfig
 
 from fetaliqa.errors import FetaliqaError, MissingMaskError
 from fetaliqa.inputs import layout
-from fetaliqa.inputs.stacks import CaseRef, read_case
+from fetaliqa.inputs.cases import read_case
+from fetaliqa.inputs.listing import CaseRef
 from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import mask_to_model, resize_frames
 from fetaliqa.training.augment import augment_batch, paper_copies
@@ -30,7 +31,7 @@ AUGMENT_BATCH = 64  # frames per augmentation task: a few MB, enough to amortise
 
 
 def case_items(cases: list[CaseRef], split: Split, part: str) -> list[dict]:
-    """Rows of the cases of one part that have at least one AC sweep: {case_id, image_uri, mask_uri, sweeps}.
+    """Rows of the cases of one part that have at least one AC sweep: {"case": its `CaseRef`, "sweeps"}.
 
     Raises MissingMaskError for a case without a mask: training needs every label.
     """
@@ -39,9 +40,9 @@ def case_items(cases: list[CaseRef], split: Split, part: str) -> list[dict]:
     for case_id in split.part(part):
         case, sweeps = by_id[case_id], split.sweeps[case_id]
         if case.mask_uri is None:
-            raise MissingMaskError(case.image_uri, f"no mask for case {case_id!r}: training needs masks for every case")
+            raise MissingMaskError(case.source, f"no mask for case {case_id!r}: training needs masks for every case")
         if sweeps:
-            items.append({"case_id": case_id, "image_uri": case.image_uri, "mask_uri": case.mask_uri, "sweeps": sweeps})
+            items.append({"case": case, "sweeps": sweeps})
     return items
 
 
@@ -50,7 +51,7 @@ def read_frames(batch: dict[str, np.ndarray], with_masks: bool, storage_options:
 
     Returns N rows (the frames of the case's AC sweeps) in the columns of the module docstring.
     """
-    case = CaseRef(str(batch["case_id"][0]), str(batch["image_uri"][0]), str(batch["mask_uri"][0]))
+    case = batch["case"][0]
     stack, masks = read_case(case, storage_options, with_mask=True)
     n_frames = len(stack.frames)
     frames = selected_frames(list(batch["sweeps"][0]), n_frames)
@@ -75,7 +76,7 @@ def read_paper_frames(batch: dict[str, np.ndarray], with_masks: bool, copies: in
     whichever task reads it, and a rerun of the same command rebuilds the same train set. Columns as the
     module docstring, plus `copy`; label = the copy's resized mask has a pixel > 0.
     """
-    case = CaseRef(str(batch["case_id"][0]), str(batch["image_uri"][0]), str(batch["mask_uri"][0]))
+    case = batch["case"][0]
     stack, masks = read_case(case, storage_options, with_mask=True)
     n_frames = len(stack.frames)
     frames = selected_frames(list(batch["sweeps"][0]), n_frames)
