@@ -123,6 +123,9 @@ def _uncovered(tmp_path: Path, case: str) -> tuple[Path, np.ndarray]:
     if case == "intensity function":
         fields = _header(array, "MET_UCHAR", "ElementToIntensityFunctionSlope = 1")
         return _write_by_hand(tmp_path / "slope.mha", fields, raw), array
+    if case == "key in lower case":
+        fields = _header(array, "MET_UCHAR", "compresseddata = False")
+        return _write_by_hand(tmp_path / "lower.mha", fields, raw), array
     if case == "no spacing":
         fields = [f for f in _header(array, "MET_UCHAR") if not f.startswith("ElementSpacing")]
         return _write_by_hand(tmp_path / "nospacing.mha", fields, raw), array
@@ -132,7 +135,8 @@ def _uncovered(tmp_path: Path, case: str) -> tuple[Path, np.ndarray]:
     raise AssertionError(case)
 
 
-UNCOVERED = ["header size -1", "gzip stream", "intensity function", "no spacing", "int64 pixels"]
+UNCOVERED = ["header size -1", "gzip stream", "intensity function", "key in lower case", "no spacing",
+             "int64 pixels"]
 
 
 @pytest.mark.parametrize("case", UNCOVERED)
@@ -164,3 +168,4 @@ def test_missing_data_file_is_left_to_simpleitk(tmp_path):
     path = _write_with_sitk(tmp_path / "case.mhd", _pixels(np.uint8), compress=True)
     (tmp_path / "case.zraw").unlink()
     assert read_metaimage(str(path)) is None
+

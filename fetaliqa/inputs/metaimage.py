@@ -20,7 +20,7 @@ Ignored, as they change no pixel: geometry (``Offset``, ``Origin``, ``Position``
 ``Rotation``, ``Orientation``, ``CenterOfRotation``, ``AnatomicalOrientation``) and any other key, which
 MetaIO keeps as metadata only. Not covered (None): any other value of the keys above, ``HeaderSize = -1``,
 ``LIST`` or ``%d`` data files, ``ElementToIntensityFunctionSlope``/``Offset``, a gzip-wrapped stream,
-repeated keys, lines without ``=`` or with ``\\r``, a short file or a stream that does not inflate to
+repeated keys, another letter case of a key above, lines without ``=`` or with ``\\r``, a short file or a stream that does not inflate to
 exactly the declared size (SimpleITK then reports the damage as it always has).
 """
 
@@ -44,6 +44,12 @@ _ELEMENT_TYPES = {
 }
 _LOCAL_NAMES = ("LOCAL", "Local", "local")  # the spellings MetaIO accepts
 _UNCOVERED_KEYS = ("ElementToIntensityFunctionSlope", "ElementToIntensityFunctionOffset")
+# Keys that decide how pixels are read, by their lower-case spelling: another spelling of one of them is not
+# ignored as metadata (in case a reader matched keys without regard to case) but sent to SimpleITK.
+_PIXEL_KEYS = {key.lower(): key for key in (
+    "ObjectType", "NDims", "DimSize", "ElementType", "ElementNumberOfChannels", "BinaryData",
+    "BinaryDataByteOrderMSB", "ElementByteOrderMSB", "CompressedData", "CompressedDataSize", "HeaderSize",
+    "ElementSpacing", "ElementSize", "ElementDataFile", *_UNCOVERED_KEYS)}
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,8 @@ def _parse_layout(path: str) -> _Layout | None:
     fields, header_end = parsed
     if len(head) == HEADER_LIMIT and not head[:header_end].endswith(b"\n"):
         return None  # the ElementDataFile line may go on past what was read
-    if any(key in fields for key in _UNCOVERED_KEYS):
+    if any(key in fields for key in _UNCOVERED_KEYS) or any(
+            _PIXEL_KEYS.get(key.lower(), key) != key for key in fields):
         return None
     if (fields.get("ObjectType") != "Image" or fields.get("NDims") != "3"
             or fields.get("ElementNumberOfChannels", "1") != "1"
