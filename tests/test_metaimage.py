@@ -1,4 +1,5 @@
-"""fetaliqa.inputs.metaimage against SimpleITK: the same pixels, bit for bit, and None where it does not cover a file."""
+"""fetaliqa.inputs.metaimage against SimpleITK: the same pixels, bit for bit, and None where it does not cover a
+file; read_image_stack gives the same frames and errors with the fast path as without it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from fetaliqa import errors
+from fetaliqa.errors import InputError
+from fetaliqa.inputs import metaimage
 from fetaliqa.inputs.metaimage import read_metaimage
+from fetaliqa.inputs.stacks import read_image_stack
 
 ODD_SHAPE = (6, 13, 7)  # (T, H, W): odd rows and columns, a multiple of 6 frames
 SPACING = (0.28000000000000003, 0.31, 1.5)
@@ -169,3 +174,71 @@ def test_missing_data_file_is_left_to_simpleitk(tmp_path):
     (tmp_path / "case.zraw").unlink()
     assert read_metaimage(str(path)) is None
 
+
+# ---------------------------------------------------------------------------------------------- read_image_stack
+
+
+def _outcome(path: Path):
+    """What `read_image_stack` gives for `path`: its frames and spacing, or its error's class and message."""
+    try:
+        stack = read_image_stack(str(path))
+    except InputError as err:
+        return type(err), str(err)
+    return stack.frames.dtype, stack.frames.shape, stack.frames.tobytes(), stack.spacing_mm
+
+
+def _without_fast_path(monkeypatch, path: Path):
+    with monkeypatch.context() as patch:
+        patch.setattr(metaimage, "read_metaimage", lambda local: None)
+        return _outcome(path)
+
+
+def test_read_image_stack_decodes_covered_files_without_simpleitks_pixel_reader(tmp_path, monkeypatch):
+    array = _pixels(np.uint8)
+    path = _write_with_sitk(tmp_path / "case.mha", array, compress=True)
+
+    def no_pixel_read(self):
+        raise AssertionError("SimpleITK decoded the pixels of a file the fast path covers")
+
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", no_pixel_read)
+    stack = read_image_stack(str(path))
+    assert np.array_equal(stack.frames, array) and stack.frames.flags.writeable
+    assert stack.spacing_mm == (SPACING[1], SPACING[0])
+
+
+def _typed(tmp_path: Path, case: str) -> Path:
+    """Files for the pixel rule of `read_image_stack`, all covered by the fast path."""
+    rng = np.random.default_rng(2)
+    arrays = {
+        "float in [0, 1]": rng.random(ODD_SHAPE, dtype=np.float32),
+        "float in [0, 255]": (rng.random(ODD_SHAPE) * 255).astype(np.float64),
+        "uint16 in [0, 255]": rng.integers(0, 255, ODD_SHAPE, endpoint=True).astype(np.uint16),
+        "int16 with negatives": _pixels(np.int16),
+        "float with NaN": np.full(ODD_SHAPE, np.nan, np.float32),
+    }
+    return _write_with_sitk(tmp_path / "typed.mha", arrays[case], compress=True)
+
+
+@pytest.mark.parametrize("case", ["float in [0, 1]", "float in [0, 255]", "uint16 in [0, 255]",
+                                  "int16 with negatives", "float with NaN"])
+def test_read_image_stack_applies_the_same_pixel_rule_on_the_fast_path(tmp_path, monkeypatch, case):
+    path = _typed(tmp_path, case)
+    assert read_metaimage(str(path)) is not None
+    assert _outcome(path) == _without_fast_path(monkeypatch, path)
+
+
+@pytest.mark.parametrize("case", UNCOVERED)
+def test_read_image_stack_reads_uncovered_files_through_simpleitk(tmp_path, case):
+    path, array = _uncovered(tmp_path, case)
+    assert np.array_equal(read_image_stack(str(path)).frames, array)
+
+
+@pytest.mark.parametrize("damage", ["zlib cut", "zlib flipped", "raw cut"])
+def test_read_image_stack_reports_damage_as_before(tmp_path, monkeypatch, damage):
+    path = _damaged(tmp_path, damage)
+    assert _outcome(path) == _without_fast_path(monkeypatch, path)
+    # A stream that inflates wrongly: SimpleITK prints "Uncompress failed" and returns frames anyway; the fast
+    # path leaves that to it unchanged (libdeflate's failure only sends the file back to SimpleITK).
+    if damage != "zlib flipped":
+        with pytest.raises(errors.TruncatedFileError, match=f"^{path}: truncated or corrupt image data"):
+            read_image_stack(str(path))
