@@ -51,7 +51,7 @@ def write_study(case, k: int, syntax, folder: Path) -> list[Path]:
     paths = []
     for sweep in range(1, layout.SWEEPS_PER_CASE + 1):
         canvas = burn_in(case.image[(sweep - 1) * k: sweep * k], f"BENCH SWEEP {sweep}", colour=False)
-        ds = instance_dataset(case, sweep, canvas, "MONOCHROME2")
+        ds = instance_dataset(case, 1, sweep, canvas, "MONOCHROME2")
         if syntax == JPEGBaseline8Bit:  # no pydicom encoder: PIL's, one JPEG per frame
             frames = []
             for frame in canvas:

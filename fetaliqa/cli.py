@@ -12,6 +12,7 @@ COMMANDS = {
     "score": "score every frame of an archive on Ray and write Parquet",
     "evaluate": "compare a scoring run or challenge-format predictions with the annotations: metrics.json, report.html",
     "export": "write a scoring run as ACOUSLIC-AI challenge-format predictions (segmentation stack + frame number)",
+    "pseudonym": "print the pseudonyms a `score --pseudonymize-key-file` run wrote for identifiers (the key holder's)",
     "demo": "the whole chain on a synthetic archive: synth, train, score, evaluate",
 }
 

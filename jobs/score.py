@@ -3,7 +3,8 @@
 ReadCases (CPU tasks: fsspec -> SimpleITK, or pydicom for DICOM studies -> 224x224 frames) -> ScoreFrames (actors holding the model, GPU
 or CPU) -> summarise_cases (CPU: masks to native size, PNGs, AC) -> WriteParts (Parquet parts of many cases,
 each committed by a record). Rerunning the same command after any failure finishes the archive: complete
-cases are skipped, nothing is scored twice (`fetaliqa.score.ledger`).
+cases are skipped, nothing is scored twice (`fetaliqa.score.ledger`). With --pseudonymize-key-file, identifiers
+are written as keyed pseudonyms (`fetaliqa.pseudonym`); `fetaliqa pseudonym` recomputes them for the key holder.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import ray
 
 from fetaliqa.inputs.listing import list_archive, listing_notes
 from fetaliqa.models import load_checkpoint
+from fetaliqa.pseudonym import KeyFile, Pseudonyms, key_id, load_key
 from fetaliqa.redact import redact_text
 from fetaliqa.score import lease, ledger, record
 from fetaliqa.score.predict import ScoreFrames
 from fetaliqa.score.read import READ_TASK_MEMORY, READ_TASK_RETRIES, CaseReader
-from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, summarise_cases
+from fetaliqa.score.write import WRITE_TASK_CPUS, PartWriter, as_written, summarise_cases
 from jobs.common import (absolute_local_paths, add_shared_filesystem, add_storage_options,
                          check_paths_reach_every_node, init_ray, run_recipe)
 
@@ -64,6 +66,11 @@ def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
                         help="largest decoded size of a case (of a DICOM study: of each instance), computed from its "
                              "header before decoding; a larger one is an errors/ row 'too_large' "
                              "(default: %(default)g, the memory a read task declares)")
+    parser.add_argument("--pseudonymize-key-file", default=None, metavar="PATH",
+                        help="write every identifier (case_id, source, SOP Instance UIDs, institution, station) as its "
+                             "HMAC-SHA256 pseudonym under the key in this file (local path or fsspec URL; at least "
+                             "16 bytes; never written anywhere) and study dates to the month; reruns into the same "
+                             "--output need the same key")
     add_storage_options(parser)
     return parser
 
@@ -77,17 +84,20 @@ def _positive_gib(text: str) -> float:
 
 def score(args: argparse.Namespace) -> int:
     so, started = args.storage_options, time.perf_counter()
-    absolute_local_paths(args, ("input", "checkpoint", "output"))
+    absolute_local_paths(args, ("input", "checkpoint", "output", "pseudonymize_key_file"))
     _, meta = load_checkpoint(args.checkpoint, storage_options=so)  # a bad checkpoint fails before any work
+    key_file, pseudonyms = _pseudonyms(args.pseudonymize_key_file, so)  # a bad key too
     init_ray()  # before the output changes: a cluster that cannot reach its paths leaves it as it was
-    check_paths_reach_every_node({"input": args.input, "checkpoint": args.checkpoint, "output": args.output},
-                                 args.shared_filesystem)
-    run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so)
+    check_paths_reach_every_node({"input": args.input, "checkpoint": args.checkpoint, "output": args.output,
+                                  "pseudonymize-key-file": args.pseudonymize_key_file}, args.shared_filesystem)
+    run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so,
+                       key_id=key_file and key_file.key_id)
     max_case_bytes = int(args.max_case_gib * 2**30)
     # Listed before the output changes: a bad --input leaves it as it was.
     listed = list_archive(args.input, so, args.recursive, max_case_bytes)
-    # e.g. single-frame DICOM instances, DICOMDIRs skipped: in the log and run.json, their URLs redacted
-    run["notes"] = [redact_text(note) for note in listing_notes(listed)]
+    # e.g. single-frame DICOM instances, DICOMDIRs skipped: in the log and run.json, their URLs redacted (and
+    # pseudonymised with the UIDs, with a key)
+    run["notes"] = [pseudonyms.text(redact_text(note)) for note in listing_notes(listed)]
     for note in run["notes"]:
         print(f"note: {note}", flush=True)
     held = lease.Lease(args.output, run["run_id"], so)
@@ -99,7 +109,9 @@ def score(args: argparse.Namespace) -> int:
         if args.overwrite:
             ledger.reset(args.output, so)
         resumed = ledger.resume(args.output, so)
-        todo = listed.filter(pc.invert(pc.is_in(listed["case_id"], pa.array(sorted(resumed.scored), pa.string()))))
+        # Commit records hold case ids as written: pseudonyms, with a key (a scored case's id is its own redacted)
+        listed_ids = as_written(listed, pseudonyms)["case_id"] if pseudonyms.enabled else listed["case_id"]
+        todo = listed.filter(pc.invert(pc.is_in(listed_ids, pa.array(sorted(resumed.scored), pa.string()))))
         cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
         record.write_record(args.output, run, so)
         context = ray.data.DataContext.get_current()
@@ -121,7 +133,8 @@ def score(args: argparse.Namespace) -> int:
                                                                     "storage_options": so},
                                 batch_size=cases_per_call, compute=predictor_pool(args.actors, args.num_gpus_per_actor),
                                 num_gpus=args.num_gpus_per_actor, num_cpus=args.cpus_per_actor, batch_format="numpy")
-            ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size},
+            ds = ds.map_batches(summarise_cases, fn_kwargs={"threshold": meta["threshold"], "image_size": image_size,
+                                                            "key_file": key_file},
                                 batch_size=1, batch_format="numpy", num_cpus=WRITE_TASK_CPUS)
             with record.ProgressLog(progress, todo.num_rows, args.progress_seconds):
                 ds.write_datasink(writer, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
@@ -129,7 +142,8 @@ def score(args: argparse.Namespace) -> int:
             print(stages, flush=True)
             # Only when the parts' tallies miss cases does the ledger say which: the records are the truth.
             written = sum(t["cases"] + t["failed"] for t in writer.tallies)
-            lost = ledger.record_lost_cases(args.output, run["run_id"], todo, so) if written < todo.num_rows else 0
+            lost = (ledger.record_lost_cases(args.output, run["run_id"], as_written(todo, pseudonyms), so)
+                    if written < todo.num_rows else 0)
             if lost:
                 print(f"warning: {lost} case(s) lost with workers that died on every attempt: errors/ rows "
                       "'worker_died'; rerun the same command to retry them", file=sys.stderr, flush=True)
@@ -143,6 +157,15 @@ def score(args: argparse.Namespace) -> int:
         record.write_record(args.output, run, so)
     print(record.summary_line(run), flush=True)
     return 0
+
+
+def _pseudonyms(key_url: str | None, storage_options) -> tuple[KeyFile | None, Pseudonyms]:
+    """The run's key file (where the key is and its id: what Ray's write tasks get, never the key) and the driver's
+    pseudonyms; (None, no pseudonyms) without `--pseudonymize-key-file`."""
+    if key_url is None:
+        return None, Pseudonyms()
+    key = load_key(key_url, storage_options)
+    return KeyFile(key_url, key_id(key), storage_options), Pseudonyms(key)
 
 
 def predictor_pool(actors: int, gpus_per_actor: float) -> ray.data.ActorPoolStrategy:

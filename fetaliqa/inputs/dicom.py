@@ -36,6 +36,7 @@ Every problem raises an `fetaliqa.errors.InputError` subclass whose one-line mes
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ import numpy as np
 import pydicom
 import pydicom.pixels
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -86,6 +88,7 @@ MAGIC_OFFSET, MAGIC = 128, b"DICM"  # the 128-byte preamble, then 'DICM' (PS3.10
 # newline through: a case id, and a path, must not hold one.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 MAX_UID_LENGTH = 64
+_DATE = re.compile(r"[0-9]{8}")  # DA, YYYYMMDD (PS3.5 6.2); strptime alone would take "2026 1 1"
 # Where a header read stops: the Pixel Data tags, (7FE0,0010) and the float ones (7FE0,0008), (7FE0,0009),
 # little endian as every supported transfer syntax stores them.
 _PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
@@ -121,7 +124,10 @@ class InstanceHeader:
 
     acquisition: AcquisitionDateTime, else AcquisitionDate + AcquisitionTime, else "" (DICOM DT text, which
     sorts in time order). frames: NumberOfFrames (1 when absent). samples: SamplesPerPixel (1 when absent);
-    bits_allocated: BitsAllocated (8 when absent).
+    bits_allocated: BitsAllocated (8 when absent). The study's context, None when absent or empty: study_date
+    (StudyDate as ``YYYY-MM-DD``; None when not a valid ``YYYYMMDD`` date), institution (InstitutionName),
+    station (StationName), manufacturer (Manufacturer), device_model (ManufacturerModelName). Operator names
+    (OperatorsName, PerformingPhysicianName) are never read.
     """
 
     source: str
@@ -138,6 +144,11 @@ class InstanceHeader:
     bits_allocated: int = 8
     region: tuple[int, int, int, int] | None = None  # `imaging_region`'s crop box; None: the whole frame
     spacing_mm: tuple[float, float] | None = None  # `imaging_region`'s (row, col) spacing
+    study_date: str | None = None
+    institution: str | None = None
+    station: str | None = None
+    manufacturer: str | None = None
+    device_model: str | None = None
 
     def cropped_size(self) -> tuple[int, int]:
         """(h, w) of the frames once cropped to `region`: what `read_dicom_instance` returns."""
@@ -287,7 +298,10 @@ def _header(ds: Dataset, uri: str) -> InstanceHeader:
             sop_uid=str(ds.SOPInstanceUID), series_number=_int_or_none(ds.get("SeriesNumber")),
             instance_number=_int_or_none(ds.get("InstanceNumber")), acquisition=_acquisition(ds),
             frames=int(ds.get("NumberOfFrames") or 1), rows=int(ds.Rows), columns=int(ds.Columns),
-            samples=int(ds.get("SamplesPerPixel") or 1), bits_allocated=int(ds.get("BitsAllocated") or 8))
+            samples=int(ds.get("SamplesPerPixel") or 1), bits_allocated=int(ds.get("BitsAllocated") or 8),
+            study_date=_study_date(ds.get("StudyDate")), institution=_text(ds.get("InstitutionName")),
+            station=_text(ds.get("StationName")), manufacturer=_text(ds.get("Manufacturer")),
+            device_model=_text(ds.get("ManufacturerModelName")))
         region, spacing, _, _ = imaging_region(ds)
     except (TypeError, ValueError) as err:
         raise DicomHeaderError(uri, f"invalid DICOM header value ({err})") from err
@@ -301,6 +315,25 @@ def _header(ds: Dataset, uri: str) -> InstanceHeader:
 
 def _int_or_none(value) -> int | None:
     return None if value is None or value == "" else int(value)
+
+
+def _study_date(value) -> str | None:
+    """A DA value ``YYYYMMDD`` as ``YYYY-MM-DD``; None when absent or not a valid date (a header as written by any
+    device: ``2026-01-01``, ``garbage`` and ``20261332`` are no reason to refuse the instance)."""
+    text = _text(value)
+    try:
+        return datetime.datetime.strptime(text, "%Y%m%d").date().isoformat() if _DATE.fullmatch(text or "") else None
+    except ValueError:
+        return None
+
+
+def _text(value) -> str | None:
+    """A text element's value, stripped; a multi-valued one (malformed here) as stored, ``\\``-joined; None when
+    absent or empty."""
+    if value is None:
+        return None
+    text = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+    return text.strip() or None
 
 
 def _acquisition(ds: Dataset) -> str:

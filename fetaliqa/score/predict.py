@@ -28,7 +28,9 @@ class ScoreFrames:
     """Holds the model (one per Ray actor) and scores the frames of each case of a batch.
 
     Input batch: `read_case_row`'s columns, one entry per case, `images` (T, S, S) uint8 each. Output: the
-    same without `images`, plus `scores` (T,) float32 in [0, 1] and, for SEG, `masks` (T, S*S/8) uint8:
+    same without `images`, plus `scores` (T,) float32 in [0, 1], `best_image` (S, S) uint8: the frame of
+    highest score as the model received it (zeros when T = 0; of the stack, only it goes on, to the review
+    image in `cases/`) and, for SEG, `masks` (T, S*S/8) uint8:
     each frame's (S, S) mask (p > 0.5) bit-packed as by `np.packbits` (on the model's device), 8x smaller
     on its way to `summarise_cases`. The frames of all cases of a batch are scored end to end in
     micro-batches of `batch_size` (None: 256 on a GPU, 32 on CPU, resolved on the actor, whose device the
@@ -54,6 +56,8 @@ class ScoreFrames:
         bounds = np.cumsum(lengths)[:-1]
         out = {key: value for key, value in batch.items() if key != "images"}
         out["scores"] = _ragged(np.split(scores, bounds))
+        out["best_image"] = _ragged([case[np.argmax(s)] if len(case) else np.zeros(case.shape[1:], np.uint8)
+                                     for case, s in zip(images, out["scores"])])
         if self.task == "seg":
             out["masks"] = _ragged(np.split(masks, bounds))
         return out

@@ -53,6 +53,9 @@ TASKS_PER_CPU = 4
 # the run until morning; after these its task's cases are lost and `jobs.score` records them (`worker_died`).
 READ_TASK_RETRIES = 3
 
+# What `cases/` says of a DICOM study's context, from the header (`InstanceHeader`) of its first instance read.
+STUDY_CONTEXT = ("study_date", "institution", "station", "manufacturer", "device_model")
+
 # Fault injection for tests: a comma-separated list of case ids whose read kills its worker (SIGKILL, as the
 # kernel's OOM killer does) on every attempt.
 KILL_READ_ENV = "FETALIQA_FAULT_KILL_READ_OF"
@@ -73,14 +76,16 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
     Returns {"case_id", "source", "images" (T, S, S) uint8 (S = `image_size`, the checkpoint's),
     "sweeps" (JSON text: a list, one object per sweep in order, {"frames", "height", "width" (native size of
     the frames scored: the cropped region for DICOM), "spacing" ([row, col] mm, or null), "sop_instance_uid" (null for
-    stacked images)}), "note" (one line: sweeps without spacing and why, frames not cropped; "" when none),
+    stacked images)}), "study" (JSON text: a DICOM study's `STUDY_CONTEXT` from the header of its first instance
+    read, each null when absent; "{}" for stacked images), "note" (one line: sweeps without spacing and why,
+    frames not cropped; "" when none),
     "instance_errors" (JSON text: [source, kind, message] of each instance of a study that failed),
     "error", "message" ("" when read)}. A case that cannot be read comes back with T = 0 and the error kind
     and one-line message; a study whose instances all fail, with kind `study_failed`.
     Per-sweep facts travel as JSON text so that Ray's blocks keep one fixed-shape column each.
     """
     out = {"case_id": case_id, "source": source, "images": np.zeros((0, image_size, image_size), np.uint8),
-           "sweeps": "[]", "note": "", "instance_errors": "[]", "error": error, "message": message}
+           "sweeps": "[]", "study": "{}", "note": "", "instance_errors": "[]", "error": error, "message": message}
     if error:
         return out
     try:
@@ -101,7 +106,7 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
 def _read_study(case_id: str, source: str, instances: list[str], storage_options: StorageOptions,
                 image_size: int, resize: str, max_instance_bytes: int | None) -> dict:
     """`read_case_row`'s fields of a DICOM study, from its instance URIs in sweep order."""
-    images, sweeps, notes, failed = [], [], [], []
+    images, sweeps, notes, failed, study = [], [], [], [], {}
     for uri in instances:
         try:
             instance = read_dicom_instance(uri, storage_options, max_instance_bytes)
@@ -112,6 +117,7 @@ def _read_study(case_id: str, source: str, instances: list[str], storage_options
             failed.append([uri, "unreadable", _unreadable(uri, err)])
             continue
         images.append(resize_by(resize)(instance.frames, image_size))
+        study = study or {name: getattr(instance.header, name) for name in STUDY_CONTEXT}
         n, height, width = instance.frames.shape
         sweeps.append({"frames": n, "height": height, "width": width,
                        "spacing": None if instance.spacing_mm is None else list(instance.spacing_mm),
@@ -123,8 +129,8 @@ def _read_study(case_id: str, source: str, instances: list[str], storage_options
         err = StudyFailedError(source, f"study {case_id}: all {len(instances)} instance(s) failed "
                                        "(each has its own errors/ row)")
         return {"error": err.kind, "message": str(err), "instance_errors": json.dumps(failed)}
-    return {"images": np.concatenate(images), "sweeps": json.dumps(sweeps), "note": "; ".join(notes),
-            "instance_errors": json.dumps(failed)}
+    return {"images": np.concatenate(images), "sweeps": json.dumps(sweeps), "study": json.dumps(study),
+            "note": "; ".join(notes), "instance_errors": json.dumps(failed)}
 
 
 def _unreadable(source: str, err: Exception) -> str:

@@ -3,14 +3,16 @@
 `run.json` (rewritten at the start and at the end of every run; never credentials nor `--storage-options`
 values, and URLs as `fetaliqa.redact.public_url` gives them: without user, password or query string):
   run_id, status ("running" | "complete"), started, ended (UTC, ISO 8601), seconds, input, output,
-  checkpoint, checkpoint_id, model, task, versions {fetaliqa, ray, torch},
+  checkpoint, checkpoint_id, model, task, versions {fetaliqa, ray, torch}, pseudonymized (bool),
+  pseudonym_key_id (`fetaliqa.pseudonym.key_id` of the run's key, never the key; null when not pseudonymized),
   cases {listed, skipped (complete before this run), scored, failed, retried (failed before, read again)},
   frames, frames_per_s, parts (written by this run), cases_per_file, removed_files (of parts that never
   committed), dropped_records (commit records that named a missing file: their cases scored again), notes
   (e.g. a dead run's lease taken over), stages (Ray Data's per-stage statistics, text), history (earlier
   runs' records, oldest first).
-The output's identity is its `checkpoint_id` and `versions.fetaliqa`: `check_identity` refuses a run that
-would mix another model's (or another code version's) scores into it.
+The output's identity is its `checkpoint_id` and `versions.fetaliqa`, and its pseudonym key id: `check_identity`
+refuses a run that would mix another model's (or another code version's) scores into it, or another key's
+pseudonyms (or identifiers in clear into a pseudonymised output, or the reverse).
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ def write_record(output_url: str, record: dict, storage_options: StorageOptions 
     storage.put_object(fs, f"{root}/{RUN_RECORD}", json.dumps(record, indent=1).encode(), storage.is_local(output_url))
 
 
-def check_identity(output_url: str, previous: dict | None, checkpoint_id: str) -> None:
-    """Refuse to add scores of another checkpoint or code version to an output; one line naming both."""
+def check_identity(output_url: str, previous: dict | None, checkpoint_id: str, key_id: str | None = None) -> None:
+    """Refuse to add scores of another checkpoint or code version to an output, or ids pseudonymised otherwise
+    (`key_id`: the run's pseudonym key id, None without pseudonyms); one line naming both."""
     if previous is None:
         return
     theirs = (previous.get("checkpoint_id"), previous.get("versions", {}).get("fetaliqa"))
@@ -79,6 +82,13 @@ def check_identity(output_url: str, previous: dict | None, checkpoint_id: str) -
         raise FetaliqaError(
             f"{public_url(output_url)} holds scores of checkpoint {theirs[0]} (fetaliqa {theirs[1]}); this run's is "
             f"{ours[0]} (fetaliqa {ours[1]}): use another --output, or --overwrite to start afresh")
+    their_key = previous.get("pseudonym_key_id") if previous.get("pseudonymized") else None
+    if their_key != key_id:
+        def says(key: str | None) -> str:
+            return f"ids pseudonymised with key id {key}" if key else "ids in clear (not pseudonymised)"
+
+        raise FetaliqaError(f"{public_url(output_url)} holds {says(their_key)}; this run would write {says(key_id)}: "
+                            "use the same --pseudonymize-key-file, another --output, or --overwrite to start afresh")
 
 
 @ray.remote(num_cpus=0)
@@ -126,11 +136,12 @@ class ProgressLog:
 
 
 def begin(input_url: str, output_url: str, checkpoint_url: str, meta: dict, overwrite: bool,
-          storage_options: StorageOptions = None) -> dict:
-    """This run's record, after checking the output's identity (unless `overwrite`)."""
+          storage_options: StorageOptions = None, key_id: str | None = None) -> dict:
+    """This run's record, after checking the output's identity (unless `overwrite`); `key_id`: the pseudonym
+    key's id, None when the run writes identifiers in clear."""
     previous = read_record(output_url, storage_options)
     if not overwrite:
-        check_identity(output_url, previous, meta["checkpoint_id"])
+        check_identity(output_url, previous, meta["checkpoint_id"], key_id)
         if previous is None and holds_table_files(output_url, storage_options):
             raise FetaliqaError(f"{public_url(output_url)} holds frames/, cases/ or errors/ files but no {RUN_RECORD}: "
                                 "not an output of this fetaliqa; use another --output, or --overwrite to replace them")
@@ -138,7 +149,8 @@ def begin(input_url: str, output_url: str, checkpoint_url: str, meta: dict, over
     return {"run_id": new_run_id(), "status": "running", "started": now(), "ended": None,
             "input": public_url(input_url), "output": public_url(output_url), "checkpoint": public_url(checkpoint_url),
             "checkpoint_id": meta["checkpoint_id"], "model": meta.get("model"), "task": meta.get("task"),
-            "versions": versions(), "history": history}
+            "versions": versions(), "pseudonymized": key_id is not None, "pseudonym_key_id": key_id,
+            "history": history}
 
 
 def finish(run: dict, listed: int, resumed, tallies: list[dict], cases_per_file: int, stages, seconds: float) -> dict:

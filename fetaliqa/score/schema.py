@@ -7,6 +7,10 @@
 <output>/run.json                  what ran: checkpoint id, versions, counts, times (`fetaliqa.score.record`)
 <output>/_fetaliqa/parts/<part>.json   commit records, one per part (`fetaliqa.score.ledger`)
 ```
+With `--pseudonymize-key-file` (`fetaliqa.pseudonym`), every identifier in these (`case_id`, `source`,
+`sop_instance_uid`, `institution`, `station`, and those inside `note` and `message`) is its keyed pseudonym
+"p<32 hex>", `study_date` is YYYY-MM, and `run.json` says so (`pseudonymized`, `pseudonym_key_id`).
+
 A part is what one write task commits: the rows of many cases (up to `--cases-per-file`), one file per
 table, rows sorted by case_id then frame. `<part>` is `<run_id>-<task index>`. Each folder is a Parquet
 dataset that pyarrow, pandas, DuckDB or Spark read whole (`_`- and `.`-prefixed paths are not part of it).
@@ -45,6 +49,17 @@ CASES_SCHEMA = pa.schema([
     ("note", pa.string()),         # e.g. why ac_mm is null (no pixel spacing), frames not cropped; else null
     ("source", pa.string()),       # the image's URI (DICOM: the first sweep's instance)
     ("run_id", pa.string()),
+    ("decision", pa.string()),     # "usable": some frame positive (score >= the checkpoint's threshold); else "rescan"
+    ("usable_sweeps", pa.list_(pa.int8())),  # 1-based sweeps holding a positive frame, ascending ([] for rescan)
+    ("best_frame_image", pa.binary()),  # JPEG (<= 16 kB) of frame best_frame as the model saw it: S x S (the
+                                   # checkpoint's image_size, 224); CLS gray; SEG BGR with the predicted mask's outline
+                                   # (1 px, yellow) when the mask is not empty
+    # A DICOM study's context, from the header of its first instance read; null for stacked images, and when absent
+    ("study_date", pa.string()),   # StudyDate as YYYY-MM-DD (pseudonymised runs: YYYY-MM); null when not a valid date
+    ("institution", pa.string()),  # InstitutionName (0008,0080)
+    ("station", pa.string()),      # StationName (0008,1010)
+    ("manufacturer", pa.string()),  # Manufacturer (0008,0070)
+    ("device_model", pa.string()),  # ManufacturerModelName (0008,1090): the device's, not the checkpoint's `model`
 ])
 
 ERRORS_SCHEMA = pa.schema([

@@ -2,8 +2,10 @@
 
 Each case becomes one study (StudyInstanceUID = ``2.25.<the case uuid as an integer>``, `study_uid_of`) of
 six US Multi-frame instances, one per sweep, in one series (SeriesNumber 1, InstanceNumber = sweep,
-AcquisitionDateTime a minute apart). Each stored frame is the case's ``H x W`` frame placed inside a larger
-canvas: a banner of burned-in text above it and a gray-level bar to its right, as scanners burn them in.
+AcquisitionDateTime a minute apart). Studies come from a few fictional sites, stations and devices and are
+spread over several months (`study_context`), so that a report has sites, devices and months to group by. Each
+stored frame is the case's ``H x W`` frame placed inside a larger canvas: a banner of burned-in text above it
+and a gray-level bar to its right, as scanners burn them in.
 The Sequence of Ultrasound Regions names the ``H x W`` frame as the one 2-D B-mode region, with
 PhysicalDeltaX/Y of 0.028 cm; a reader that crops to it gets the case's frames back exactly (every
 encoding here is lossless). Sweeps cycle through `SWEEP_ENCODINGS`, so a study mixes transfer syntaxes and
@@ -19,6 +21,7 @@ Layout under the output root, the labels beside the DICOM in the ACOUSLIC layout
 
 from __future__ import annotations
 
+import datetime
 import io
 import posixpath
 import tempfile
@@ -48,6 +51,16 @@ SWEEP_ENCODINGS = (
 )
 BANNER_ROWS, MARGIN, BAR_COLUMNS = 20, 4, 10  # canvas around the region: text above, a bar to the right
 TEXT_GRAY, TEXT_RGB = 230, (255, 220, 0)  # burned-in text: near white in gray, yellow in colour
+# (InstitutionName, StationName, Manufacturer, ManufacturerModelName) of the scanners studies come from, all
+# fictional: three sites, one with two stations, two device models.
+SCANNERS = (
+    ("Synthetic North Clinic", "NORTH-US1", "Fetaliqa Synthetic", "Sweep 300"),
+    ("Synthetic South Hospital", "SOUTH-US1", "Fetaliqa Synthetic", "Sweep 500"),
+    ("Synthetic North Clinic", "NORTH-US2", "Fetaliqa Synthetic", "Sweep 500"),
+    ("Synthetic East Centre", "EAST-US1", "Fetaliqa Synthetic", "Sweep 300"),
+)
+FIRST_STUDY_DATE = datetime.date(2025, 1, 6)
+STUDY_DAYS_APART = 41  # studies 1, 2, 3, ... fall in successive months, over a year
 
 
 def study_uid_of(case_id: str) -> str:
@@ -57,6 +70,16 @@ def study_uid_of(case_id: str) -> str:
 
 def _instance_uid(case_id: str, name: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.UUID(case_id), name).int}"
+
+
+def study_context(number: int) -> dict[str, str]:
+    """The header context of the `number`-th (1-based) case's study: StudyDate (YYYYMMDD), InstitutionName,
+    StationName, Manufacturer, ManufacturerModelName; the scanners in turn, dates `STUDY_DAYS_APART` apart
+    within a year."""
+    institution, station, manufacturer, model = SCANNERS[(number - 1) % len(SCANNERS)]
+    date = FIRST_STUDY_DATE + datetime.timedelta(days=(number - 1) * STUDY_DAYS_APART % 365)
+    return {"StudyDate": date.strftime("%Y%m%d"), "InstitutionName": institution, "StationName": station,
+            "Manufacturer": manufacturer, "ManufacturerModelName": model}
 
 
 def region_box(height: int, width: int) -> tuple[int, int, int, int]:
@@ -98,7 +121,7 @@ def encode_sweep(case: SyntheticCase, number: int, sweep: int, frames_per_sweep:
     frames = case.image[(sweep - 1) * frames_per_sweep: sweep * frames_per_sweep]
     text = f"FETALIQA SYNTH {number:04d} SWEEP {sweep} MI 0.9 TIS 0.2"
     canvas = burn_in(frames, text, colour=photometric == "RGB")
-    ds = instance_dataset(case, sweep, canvas, photometric)
+    ds = instance_dataset(case, number, sweep, canvas, photometric)
     if syntax.is_encapsulated:
         ds.compress(syntax, canvas, generate_instance_uid=False)
     else:
@@ -127,7 +150,8 @@ def burn_in(frames: np.ndarray, text: str, colour: bool) -> np.ndarray:
     return canvas
 
 
-def instance_dataset(case: SyntheticCase, sweep: int, canvas: np.ndarray, photometric: str) -> Dataset:
+def instance_dataset(case: SyntheticCase, number: int, sweep: int, canvas: np.ndarray, photometric: str) -> Dataset:
+    """The header of sweep `sweep` of the `number`-th case (both 1-based), its pixel data to be set."""
     study = study_uid_of(case.case_id)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
@@ -137,8 +161,10 @@ def instance_dataset(case: SyntheticCase, sweep: int, canvas: np.ndarray, photom
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, _instance_uid(case.case_id, "series")
     ds.Modality, ds.PatientID, ds.PatientName = "US", case.subject_id, "SYNTHETIC^CASE"
-    ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, sweep
-    ds.AcquisitionDateTime = f"2026010109{sweep:02d}00"
+    for keyword, value in study_context(number).items():
+        setattr(ds, keyword, value)
+    ds.SeriesNumber, ds.InstanceNumber = 1, sweep
+    ds.AcquisitionDateTime = f"{ds.StudyDate}09{sweep:02d}00"
     ds.BurnedInAnnotation = "YES"
     ds.Rows, ds.Columns = canvas.shape[1], canvas.shape[2]
     ds.NumberOfFrames = canvas.shape[0]
