@@ -22,6 +22,7 @@ from fetaliqa.score.ledger import read_table
 from fetaliqa.score.predict import KILL_ONCE_ENV, ScoreFrames
 from fetaliqa.score.read import read_case_row
 from fetaliqa.score.schema import CASES, CASES_SCHEMA, ERRORS, FRAMES, FRAMES_SCHEMA
+from fetaliqa.score.write import BEST_FRAME_MAX_BYTES
 
 from jobs import score as score_job
 
@@ -39,6 +40,20 @@ def keyed_scores(output: str, storage_options=None) -> dict[tuple[str, int], flo
     keys = list(zip(table["case_id"].to_pylist(), table["frame"].to_pylist()))
     assert len(keys) == len(set(keys)), "a (case_id, frame) row appears twice"
     return dict(zip(keys, table["score"].to_pylist()))
+
+
+def assert_decisions_follow_the_frames(cases, frames) -> None:
+    """Each case's `decision` and `usable_sweeps` are what its positive frames in `frames/` say."""
+    usable: dict[str, set[int]] = {}
+    for case_id, sweep, positive in zip(*(frames[c].to_pylist() for c in ("case_id", "sweep", "positive"))):
+        usable.setdefault(case_id, set()).update({sweep} if positive else set())
+    for case in cases.to_pylist():
+        assert case["usable_sweeps"] == sorted(usable[case["case_id"]])
+        assert case["decision"] == ("usable" if usable[case["case_id"]] else "rescan")
+
+
+def decoded(jpeg: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def test_cls_run_writes_the_documented_schema_and_every_frame(small_archive, cls_checkpoint, cls_scores):
@@ -60,6 +75,11 @@ def test_cls_run_writes_the_documented_schema_and_every_frame(small_archive, cls
     # sweep = frame // (T // 6) + 1, for T = 48 here
     assert frames["sweep"].to_pylist() == [f // 8 + 1 for f in frames["frame"].to_pylist()]
     assert cases["ac_mm"].null_count == cases.num_rows
+    assert_decisions_follow_the_frames(cases, frames)
+    for column in ("study_date", "institution", "station", "manufacturer", "device_model"):  # stacked images
+        assert cases[column].null_count == cases.num_rows
+    run = json.loads(Path(out, "run.json").read_text())
+    assert run["pseudonymized"] is False and run["pseudonym_key_id"] is None
 
 
 def test_scores_equal_the_predictor_applied_without_ray(small_archive, cls_checkpoint, cls_scores):
@@ -75,6 +95,11 @@ def test_scores_equal_the_predictor_applied_without_ray(small_archive, cls_check
     mine = next(c for c in cases if c["case_id"] == case.case_id)
     assert mine["best_frame"] == int(np.argmax(direct["scores"][0]))
     assert mine["best_score"] == pytest.approx(float(np.max(direct["scores"][0])), abs=1e-6)
+    # The review image is the frame the model was given (224 x 224 gray), up to JPEG's error.
+    image = decoded(mine["best_frame_image"])
+    seen = row["images"][mine["best_frame"]].astype(int)
+    assert image.shape == seen.shape == (224, 224) and len(mine["best_frame_image"]) <= BEST_FRAME_MAX_BYTES
+    assert np.abs(image.astype(int) - seen).mean() < 2.0
 
 
 def test_seg_masks_come_back_at_native_resolution(small_archive, seg_scores):
@@ -88,6 +113,57 @@ def test_seg_masks_come_back_at_native_resolution(small_archive, seg_scores):
     for png, area in zip(positive["mask_png"].to_pylist()[:5], positive["mask_area"].to_pylist()[:5]):
         mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (70, 93) and int((mask > 0).sum()) == area
+    assert_decisions_follow_the_frames(read_table(out, CASES), frames)
+
+
+def test_seg_review_image_outlines_the_predicted_mask(small_archive, seg_checkpoint, seg_scores):
+    """The best frame's review image is the model's frame in BGR with the outline of the mask predicted on it (at
+    224 x 224) drawn in yellow, and the frame itself elsewhere."""
+    cases = {c["case_id"]: c for c in read_table(seg_scores, CASES).to_pylist()}
+    outlined = 0
+    for case in list_cases(str(small_archive)):
+        row = read_case_row(case.case_id, case.source)
+        direct = ScoreFrames(seg_checkpoint, batch_size=8)({key: np.array([value]) for key, value in row.items()})
+        mine = cases[case.case_id]
+        best = mine["best_frame"]
+        mask = np.unpackbits(direct["masks"][0][best], count=224 * 224).reshape(224, 224)
+        image = decoded(mine["best_frame_image"]).astype(int)
+        assert image.shape == (224, 224, 3) and len(mine["best_frame_image"]) <= BEST_FRAME_MAX_BYTES
+        yellowness = (image[..., 1] + image[..., 2]) / 2 - image[..., 0]  # (G + R) / 2 - B: 0 on gray
+        # the mask's pixels next to its outside (the image's edge counts as outside, as for cv2.findContours)
+        inner = cv2.erode(mask, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        boundary = mask.astype(bool) & ~inner.astype(bool)
+        near = cv2.dilate(boundary.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)  # JPEG's colour bleed
+        assert not (yellowness[~near] > 60).any(), "yellow away from the mask's outline"
+        if boundary.any():  # JPEG keeps colour at half resolution: a 1-px line is paler, a scattered mask's more so
+            assert (yellowness[boundary] > 20).mean() > 0.6, "the outline is missing along the mask's boundary"
+        gray = row["images"][best].astype(int)
+        assert np.abs(image[~near] - gray[~near][:, None]).mean() < 3.0
+        outlined += bool(boundary.any())
+    assert outlined, "no case's best frame had a mask: the test saw no outline"
+
+
+def test_review_jpeg_stays_under_its_bound_on_acouslic_size_frames():
+    """Speckle frames of ACOUSLIC's size (562 x 744) resized to 224 as the scorer does, gray and with an outline,
+    fit in BEST_FRAME_MAX_BYTES at the chosen quality; pure noise fits too, at a lower one."""
+    from fetaliqa.preprocess import resize_by
+    from fetaliqa.score.write import _review_jpeg
+    from fetaliqa.synthetic.archive import synthetic_cases
+
+    case = next(synthetic_cases(1, 2, 562, 744, seed=4))
+    frames = resize_by("bicubic")(case.image, 224)
+    mask = np.zeros((224, 224), np.uint8)
+    cv2.ellipse(mask, (112, 120), (60, 45), 20, 0, 360, 1, -1)
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)
+    for frame in [*frames, noise]:
+        for outline in (None, mask):
+            jpeg = _review_jpeg(frame, outline)
+            assert len(jpeg) <= BEST_FRAME_MAX_BYTES
+            assert decoded(jpeg).shape == ((224, 224) if outline is None else (224, 224, 3))
+    # the speckle frames keep the documented quality: close to the frame
+    assert np.abs(decoded(_review_jpeg(frames[0], None)).astype(int) - frames[0]).mean() < 2.0
+    empty = decoded(_review_jpeg(frames[0], np.zeros((224, 224), np.uint8))).astype(int)
+    assert ((np.minimum(empty[..., 1], empty[..., 2]) - empty[..., 0]) <= 20).all()  # an empty mask: no outline
 
 
 def test_object_storage_in_and_out(ray_local, small_archive, cls_checkpoint, s3_bucket, capsys):

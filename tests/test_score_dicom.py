@@ -175,6 +175,7 @@ def test_instances_of_different_sizes_keep_their_own_native_size(tmp_path):
     batch = {key: np.array([value]) for key, value in read.items() if key != "images"}
     batch["scores"] = np.array([np.full(4, 0.9, np.float32)])
     batch["masks"] = np.array([np.packbits(np.ones((4, side * side), np.uint8), axis=1)])
+    batch["best_image"] = read["images"][:1]
     summary = summarise_cases(batch, threshold=0.5, image_size=side).to_pylist()[0]
     assert summary["mask_area"] == [40 * 48] * 2 + [56 * 64] * 2
     assert summary["sweep"] == [1, 1, 2, 2] and summary["instance_frame"] == [0, 1, 0, 1]
@@ -198,6 +199,7 @@ def test_without_spacing_ac_stays_null_and_the_case_says_why(tmp_path):
     batch = {key: np.array([value]) for key, value in read.items() if key != "images"}
     batch["scores"] = np.array([np.full(2, 0.9, np.float32)])
     batch["masks"] = np.array([np.packbits(np.ones((2, 32 * 32), np.uint8), axis=1)])
+    batch["best_image"] = read["images"][:1]
     summary = summarise_cases(batch, threshold=0.5, image_size=32).to_pylist()[0]
     assert summary["ac_mm"] is None
     assert "sweep 1: no pixel spacing" in summary["note"] and "not cropped" in summary["note"]
