@@ -124,6 +124,17 @@ def seg_scores(ray_local, tmp_path_factory, small_archive, seg_checkpoint) -> st
     return _scored(tmp_path_factory, small_archive, seg_checkpoint, "seg-scores")
 
 
+def assert_decisions_follow_the_frames(cases, frames) -> None:
+    """Each case's `decision` and `usable_sweeps` in a run's `cases/` table are what its positive frames in its
+    `frames/` table say."""
+    usable: dict[str, set[int]] = {}
+    for case_id, sweep, positive in zip(*(frames[c].to_pylist() for c in ("case_id", "sweep", "positive"))):
+        usable.setdefault(case_id, set()).update({sweep} if positive else set())
+    for case in cases.to_pylist():
+        assert case["usable_sweeps"] == sorted(usable[case["case_id"]])
+        assert case["decision"] == ("usable" if usable[case["case_id"]] else "rescan")
+
+
 def damage_state_dict(state: dict, key: str, damage: str) -> dict:
     """`state` with `key` removed, renamed (an 's' appended) or reshaped (one row short), in place."""
     if damage == "remove":

@@ -437,6 +437,22 @@ def test_an_instance_declaring_a_terabyte_is_refused_before_decoding(tmp_path):
     _assert_one_line(err, rgb, f"{T} frames x {ROWS} x {COLS} x 3 samples x 1 byte) over --max-case-gib")
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # pydicom's, writing the invalid dates on purpose
+@pytest.mark.parametrize("study_date, expected", [("20250216", "2025-02-16"), ("2025-02-16", None),
+                                                  ("20251332", None), ("garbage", None), ("", None), (None, None)])
+def test_the_header_carries_the_study_context_and_a_valid_date_only(tmp_path, study_date, expected):
+    context = {"InstitutionName": "Example Maternity Unit ", "StationName": "US-ROOM-3", "Manufacturer": "Acme",
+               "ManufacturerModelName": "Sono 9", "OperatorsName": "Doe^Jane"}
+    ds = _dataset(**context, **({} if study_date is None else {"StudyDate": study_date}))
+    path = _save(ds, tmp_path / "one.dcm", pixels=_canvas(_gray_frames()))
+    for header in (read_dicom_header(path), read_dicom_instance(path).header):
+        assert (header.study_date, header.institution, header.station, header.manufacturer, header.device_model) == (
+            expected, "Example Maternity Unit", "US-ROOM-3", "Acme", "Sono 9")
+        assert "Doe" not in repr(header)  # operator names are never read
+    bare = read_dicom_header(_save(_dataset(), tmp_path / "bare.dcm", pixels=_canvas(_gray_frames())))
+    assert (bare.study_date, bare.institution, bare.station, bare.manufacturer, bare.device_model) == (None,) * 5
+
+
 def test_a_dicomdir_is_known_by_its_sop_class_whatever_its_name(tmp_path):
     from pydicom.fileset import FileSet
 
@@ -528,3 +544,7 @@ def test_synthetic_dicom_archive_holds_the_synthetic_cases(tmp_path):
         np.testing.assert_array_equal(mask, case.mask)
     with open(tmp_path / layout.CIRCUMFERENCES_CSV) as f:
         assert {row["uuid"] for row in csv.DictReader(f)} == set(cases)
+    # Studies come from different sites and months, so that a report can group by them.
+    headers = [read_dicom_header(str(path)) for path in files]
+    assert len({h.institution for h in headers}) == 2 and len({h.study_date[:7] for h in headers}) == 2
+    assert all(h.station and h.manufacturer and h.device_model for h in headers)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import SimpleITK as sitk
-from conftest import REPO, own_stderr_lines, run_cli
+from conftest import REPO, assert_decisions_follow_the_frames, own_stderr_lines, run_cli
 
 from fetaliqa.inputs.listing import list_cases
 from fetaliqa.inputs.stacks import read_image_stack
@@ -40,16 +40,6 @@ def keyed_scores(output: str, storage_options=None) -> dict[tuple[str, int], flo
     keys = list(zip(table["case_id"].to_pylist(), table["frame"].to_pylist()))
     assert len(keys) == len(set(keys)), "a (case_id, frame) row appears twice"
     return dict(zip(keys, table["score"].to_pylist()))
-
-
-def assert_decisions_follow_the_frames(cases, frames) -> None:
-    """Each case's `decision` and `usable_sweeps` are what its positive frames in `frames/` say."""
-    usable: dict[str, set[int]] = {}
-    for case_id, sweep, positive in zip(*(frames[c].to_pylist() for c in ("case_id", "sweep", "positive"))):
-        usable.setdefault(case_id, set()).update({sweep} if positive else set())
-    for case in cases.to_pylist():
-        assert case["usable_sweeps"] == sorted(usable[case["case_id"]])
-        assert case["decision"] == ("usable" if usable[case["case_id"]] else "rescan")
 
 
 def decoded(jpeg: bytes) -> np.ndarray:

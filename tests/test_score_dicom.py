@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pydicom
 import pytest
+from conftest import assert_decisions_follow_the_frames, own_stderr_lines
 from pydicom.uid import MPEG4HP41
 
+from fetaliqa import cli
 from fetaliqa.inputs import layout
+from fetaliqa.pseudonym import key_id, pseudonym
 from fetaliqa.score.ledger import read_table
 from fetaliqa.inputs.listing import list_archive, listing_notes
 from fetaliqa.score.read import read_case_row
@@ -131,6 +136,102 @@ def test_one_run_scores_the_mixed_folder(ray_local, mixed, cls_checkpoint, tmp_p
         np.testing.assert_allclose(got, [score_of[(case_id, f)] for f in range(6 * K)], rtol=0, atol=1e-5)
     run = json.loads((Path(out) / "run.json").read_text())
     assert len(run["notes"]) == 1 and "single-frame" in run["notes"][0]
+    assert_decisions_follow_the_frames(cases, frames)
+    # A study's context is its first instance's header; stacked images have none.
+    for study in (a, b, c):
+        assert {k: by_case[study][k] for k in CONTEXT} == header_context(mixed["studies"][study][0][1])
+    assert {by_case[study]["institution"] for study in (a, b, c)} == {"Synthetic North Clinic", "Synthetic South Hospital"}
+    for case_id in mixed["ids"]:
+        assert [by_case[case_id][k] for k in CONTEXT] == [None] * len(CONTEXT)
+
+
+CONTEXT = ("study_date", "institution", "station", "manufacturer", "device_model")
+
+
+def header_context(path: Path) -> dict:
+    """`cases/`' context columns as read here from an instance's header with pydicom."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    date = ds.StudyDate
+    return {"study_date": f"{date[:4]}-{date[4:6]}-{date[6:]}", "institution": ds.InstitutionName,
+            "station": ds.StationName, "manufacturer": ds.Manufacturer, "device_model": ds.ManufacturerModelName}
+
+
+def output_text(out: Path) -> tuple[str, bytes]:
+    """Everything under a scoring output: the text of every file (Parquet decoded row by row), and the raw bytes."""
+    texts, raw = [], b""
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        raw += data
+        texts.append(str(pq.read_table(path).to_pylist()) if path.suffix == ".parquet" else data.decode())
+    return "\n".join(texts), raw
+
+
+def test_a_pseudonymised_run_writes_no_identifier_and_resumes_under_its_key(ray_local, mixed, cls_checkpoint,
+                                                                           tmp_path, capsys):
+    """The mixed folder (studies, stacks, bad files, a single-frame note) scored with a key: every identifier is its
+    keyed pseudonym, the key and the identifiers are nowhere in the output, dates keep their month, a rerun with the
+    same key skips the scored cases and retries the failed ones, and another key (or none) is refused."""
+    folder = mixed["folder"]
+    key = b"fetaliqa-test-pseudonym-key-0001"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(key + b"\n")
+    out = tmp_path / "out"
+    argv = ["--input", str(folder), "--checkpoint", cls_checkpoint, "--output", str(out)]
+    assert score_job.main([*argv, "--pseudonymize-key-file", str(key_file)]) == 0
+    tables = {t: read_table(str(out), t) for t in (FRAMES, CASES, ERRORS)}
+    a, b, c = mixed["a"], mixed["b"], mixed["c"]
+
+    def p(text: str) -> str:
+        return pseudonym(key, text)
+
+    cases = {r["case_id"]: r for r in tables[CASES].to_pylist()}
+    assert set(cases) == {p(x) for x in (a, b, c, *mixed["ids"])}
+    assert cases[p(a)]["source"] == p(str(folder / mixed["studies"][a][0][1].name))
+    assert {r["case_id"] for r in tables[ERRORS].to_pylist()} == {
+        p(str(folder / "notes.dcm")), p(str(mixed["truncated"])), p("2.25.42"), p(str(folder / "video.dcm"))}
+    first = header_context(mixed["studies"][a][0][1])
+    assert {k: cases[p(a)][k] for k in CONTEXT} == {
+        "study_date": first["study_date"][:7], "institution": p(first["institution"]), "station": p(first["station"]),
+        "manufacturer": first["manufacturer"], "device_model": first["device_model"]}
+    sops = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for _, path in mixed["studies"][a]}
+    frames_a = tables[FRAMES].filter(pc.equal(tables[FRAMES]["case_id"], p(a)))
+    assert set(frames_a["sop_instance_uid"].to_pylist()) == {p(uid) for uid in sops}
+    run = json.loads((out / "run.json").read_text())
+    assert run["pseudonymized"] is True and run["pseudonym_key_id"] == key_id(key)
+
+    originals = {a, b, c, "2.25.42", *mixed["ids"], *sops, *(str(path) for path in folder.iterdir()),
+                 *(header_context(files[0][1])[k] for files in mixed["studies"].values() for k in ("institution", "station"))}
+    text, raw = output_text(out)
+    assert key.decode() not in text and key not in raw
+    leaked = sorted(x for x in originals if re.search(rf"(?<![\w.]){re.escape(x)}(?![\w.])", text))
+    assert not leaked, f"identifiers in clear in a pseudonymised output: {leaked}"
+    assert p(a) in run["notes"][0] and p(str(folder / "single.dcm")) in run["notes"][0]
+
+    # The key holder turns pseudonyms back into studies.
+    capsys.readouterr()
+    assert cli.main(["pseudonym", "--key-file", str(key_file), a, b]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{a},{p(a)}", f"{b},{p(b)}"]
+
+    # Rerun with the same key: the scored cases are skipped, the failed ones read again under the same pseudonyms.
+    assert score_job.main([*argv, "--pseudonymize-key-file", str(key_file)]) == 0
+    again = json.loads((out / "run.json").read_text())
+    assert again["cases"]["skipped"] == len(cases) and again["cases"]["scored"] == 0
+    assert again["cases"]["failed"] == run["cases"]["failed"] == 2
+    assert read_table(str(out), CASES).equals(tables[CASES])
+    errors = read_table(str(out), ERRORS)
+    assert sorted(errors["case_id"].to_pylist()) == sorted(tables[ERRORS]["case_id"].to_pylist())
+    retried = errors.filter(pc.equal(errors["run_id"], again["run_id"]))["case_id"].to_pylist()
+    assert sorted(retried) == sorted([p(str(folder / "notes.dcm")), p("2.25.42"), p(str(folder / "video.dcm"))])
+
+    # Another key, or none, into this output is refused in one line, and changes nothing.
+    other = tmp_path / "other-key"
+    other.write_bytes(b"another-test-key-of-enough-bytes")
+    for flags in (["--pseudonymize-key-file", str(other)], []):
+        capsys.readouterr()
+        assert score_job.main([*argv, *flags]) == 2
+        err = own_stderr_lines(capsys)
+        assert len(err) == 1 and key_id(key) in err[0], err
+    assert json.loads((out / "run.json").read_text()) == again
 
 
 def test_an_s3_prefix_of_dicom_is_listed_from_headers_alone(mixed, s3_server, s3_bucket):
