@@ -29,7 +29,11 @@ def part_tables(scored: list[str], failed: list[str], frames_per_case: int = 3) 
                       "best_frame": [0] * len(scored), "best_sweep": [1] * len(scored),
                       "best_score": [0.5] * len(scored), "ac_mm": [None] * len(scored), "sweeps": [6] * len(scored),
                       "note": [None] * len(scored),
-                      "source": [f"{c}.mha" for c in scored], "run_id": ["r"] * len(scored)}, schema=CASES_SCHEMA)
+                      "source": [f"{c}.mha" for c in scored], "run_id": ["r"] * len(scored),
+                      "decision": ["usable"] * len(scored), "usable_sweeps": [[1]] * len(scored),
+                      "best_frame_image": [b"jpeg"] * len(scored),
+                      **{k: [None] * len(scored) for k in ("study_date", "institution", "station", "manufacturer",
+                                                           "device_model")}}, schema=CASES_SCHEMA)
     errors = pa.table({"case_id": failed, "source": [f"{c}.mha" for c in failed], "error": ["truncated"] * len(failed),
                        "message": [f"{c}.mha: cut" for c in failed], "run_id": ["r"] * len(failed)},
                       schema=ERRORS_SCHEMA)
