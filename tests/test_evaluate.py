@@ -84,7 +84,12 @@ def write_run(out: str, root: Path, seg: bool = True) -> None:
         cases.append(pa.table({"case_id": [case_id], "frames": [T], "positives": [int(positive.sum())],
                                "best_frame": [best], "best_sweep": [best // 2 + 1], "best_score": [float(score[best])],
                                "ac_mm": pa.array([ac if seg else None], pa.float32()), "sweeps": [6], "note": [None],
-                               "source": [str(root / layout.IMAGES_DIR / f"{case_id}.mha")], "run_id": ["hand"]},
+                               "source": [str(root / layout.IMAGES_DIR / f"{case_id}.mha")], "run_id": ["hand"],
+                               "decision": ["usable" if positive.any() else "rescan"],
+                               "usable_sweeps": [sorted({f // 2 + 1 for f in np.flatnonzero(positive)})],
+                               "best_frame_image": [cv2.imencode(".jpg", np.zeros((224, 224), np.uint8))[1].tobytes()],
+                               **{k: pa.nulls(1, pa.string()) for k in ("study_date", "institution", "station",
+                                                                        "manufacturer", "device_model")}},
                               schema=schema.CASES_SCHEMA))
     error = pa.table({"case_id": ["gamma"], "source": [str(root / layout.IMAGES_DIR / "gamma.mha")],
                       "error": ["truncated"], "message": ["gamma.mha: truncated or corrupt image data"],
