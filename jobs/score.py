@@ -92,6 +92,7 @@ def score(args: argparse.Namespace) -> int:
                                   "pseudonymize-key-file": args.pseudonymize_key_file}, args.shared_filesystem)
     run = record.begin(args.input, args.output, args.checkpoint, meta, args.overwrite, so,
                        key_id=key_file and key_file.key_id)
+    run["input"] = pseudonyms.id(run["input"])  # a folder's name may name a site or a patient, a file is a source
     max_case_bytes = int(args.max_case_gib * 2**30)
     # Listed before the output changes: a bad --input leaves it as it was.
     listed = list_archive(args.input, so, args.recursive, max_case_bytes)

@@ -197,9 +197,9 @@ def test_a_pseudonymised_run_writes_no_identifier_and_resumes_under_its_key(ray_
     frames_a = tables[FRAMES].filter(pc.equal(tables[FRAMES]["case_id"], p(a)))
     assert set(frames_a["sop_instance_uid"].to_pylist()) == {p(uid) for uid in sops}
     run = json.loads((out / "run.json").read_text())
-    assert run["pseudonymized"] is True and run["pseudonym_key_id"] == key_id(key)
+    assert run["pseudonymized"] is True and run["pseudonym_key_id"] == key_id(key) and run["input"] == p(str(folder))
 
-    originals = {a, b, c, "2.25.42", *mixed["ids"], *sops, *(str(path) for path in folder.iterdir()),
+    originals = {a, b, c, "2.25.42", *mixed["ids"], *sops, str(folder), *(str(path) for path in folder.iterdir()),
                  *(header_context(files[0][1])[k] for files in mixed["studies"].values() for k in ("institution", "station"))}
     text, raw = output_text(out)
     assert key.decode() not in text and key not in raw

@@ -4,7 +4,8 @@
 values, and URLs as `fetaliqa.redact.public_url` gives them: without user, password or query string):
   run_id, status ("running" | "complete"), started, ended (UTC, ISO 8601), seconds, input, output,
   checkpoint, checkpoint_id, model, task, versions {fetaliqa, ray, torch}, pseudonymized (bool),
-  pseudonym_key_id (`fetaliqa.pseudonym.key_id` of the run's key, never the key; null when not pseudonymized),
+  pseudonym_key_id (`fetaliqa.pseudonym.key_id` of the run's key, never the key; null when not pseudonymized;
+  when pseudonymized, `input` is its pseudonym too),
   cases {listed, skipped (complete before this run), scored, failed, retried (failed before, read again)},
   frames, frames_per_s, parts (written by this run), cases_per_file, removed_files (of parts that never
   committed), dropped_records (commit records that named a missing file: their cases scored again), notes
