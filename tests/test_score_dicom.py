@@ -140,7 +140,7 @@ def test_one_run_scores_the_mixed_folder(ray_local, mixed, cls_checkpoint, tmp_p
     # A study's context is its first instance's header; stacked images have none.
     for study in (a, b, c):
         assert {k: by_case[study][k] for k in CONTEXT} == header_context(mixed["studies"][study][0][1])
-    assert {by_case[study]["institution"] for study in (a, b, c)} == {"Synthetic North Clinic", "Synthetic South Hospital"}
+    assert {by_case[s]["institution"] for s in (a, b, c)} == {"Synthetic North Clinic", "Synthetic South Hospital"}
     for case_id in mixed["ids"]:
         assert [by_case[case_id][k] for k in CONTEXT] == [None] * len(CONTEXT)
 
@@ -199,8 +199,9 @@ def test_a_pseudonymised_run_writes_no_identifier_and_resumes_under_its_key(ray_
     run = json.loads((out / "run.json").read_text())
     assert run["pseudonymized"] is True and run["pseudonym_key_id"] == key_id(key) and run["input"] == p(str(folder))
 
-    originals = {a, b, c, "2.25.42", *mixed["ids"], *sops, str(folder), *(str(path) for path in folder.iterdir()),
-                 *(header_context(files[0][1])[k] for files in mixed["studies"].values() for k in ("institution", "station"))}
+    names = {header_context(files[0][1])[k] for files in mixed["studies"].values() for k in ("institution", "station")}
+    files = [str(path) for path in folder.iterdir()]
+    originals = {a, b, c, "2.25.42", *mixed["ids"], *sops, str(folder), *files, *names}
     text, raw = output_text(out)
     assert key.decode() not in text and key not in raw
     leaked = sorted(x for x in originals if re.search(rf"(?<![\w.]){re.escape(x)}(?![\w.])", text))
