@@ -111,7 +111,8 @@ def score(args: argparse.Namespace) -> int:
             ledger.reset(args.output, so)
         resumed = ledger.resume(args.output, so)
         # Commit records hold case ids as written: pseudonyms, with a key (a scored case's id is its own redacted)
-        listed_ids = as_written(listed, pseudonyms)["case_id"] if pseudonyms.enabled else listed["case_id"]
+        listed_ids = (as_written(listed, pseudonyms, ("case_id",))["case_id"] if pseudonyms.enabled
+                      else listed["case_id"])
         todo = listed.filter(pc.invert(pc.is_in(listed_ids, pa.array(sorted(resumed.scored), pa.string()))))
         cases_per_file = args.cases_per_file or min(max(math.ceil(todo.num_rows / 10), 1), MAX_CASES_PER_FILE)
         record.write_record(args.output, run, so)

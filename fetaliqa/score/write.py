@@ -241,11 +241,11 @@ class PartWriter(Datasink):
         return pa.table({**columns, "run_id": pa.repeat(self.run_id, n)}, schema=ERRORS_SCHEMA).sort_by("case_id")
 
 
-def as_written(cases: pa.Table, pseudonyms: Pseudonyms) -> pa.Table:
-    """`cases` (`case_id`, `source`, ... of a listing) with `case_id` and `source` as `summarise_cases` writes them:
-    redacted, then pseudonymised with a key. What the driver compares with commit records (`ledger.resume`) and
-    writes for lost cases (`ledger.record_lost_cases`)."""
-    for name in ("case_id", "source"):
+def as_written(cases: pa.Table, pseudonyms: Pseudonyms, columns: tuple[str, ...] = ("case_id", "source")) -> pa.Table:
+    """`cases` (`case_id`, `source`, ... of a listing) with `columns` as `summarise_cases` writes them: redacted,
+    then pseudonymised with a key. What the driver compares with commit records (`ledger.resume`) and writes for
+    lost cases (`ledger.record_lost_cases`)."""
+    for name in columns:
         written = [pseudonyms.id(redact_text(text)) for text in cases[name].to_pylist()]
         cases = cases.set_column(cases.schema.get_field_index(name), name, pa.array(written, pa.string()))
     return cases
