@@ -104,6 +104,10 @@ class Pseudonyms:
         return iso_date[:7]
 
 
+# Keys loaded by this process, by (key file URL, key id): a Ray worker reads a run's key file once.
+_LOADED: dict[tuple[str, str], Pseudonyms] = {}
+
+
 @dataclass(frozen=True)
 class KeyFile:
     """Where a run's key is, and its id: what travels to the workers that write rows (see the module docstring).
@@ -125,9 +129,6 @@ class KeyFile:
                                     f"(key id {key_id(key)}, the run's is {self.key_id})")
             cached = _LOADED[(self.url, self.key_id)] = Pseudonyms(key)
         return cached
-
-
-_LOADED: dict[tuple[str, str], Pseudonyms] = {}
 
 
 def pseudonyms_of(key_file: KeyFile | None) -> Pseudonyms:
