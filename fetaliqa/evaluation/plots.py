@@ -144,7 +144,8 @@ def shares_png(labels: list[str], shares: list[float], lows: list[float], highs:
     import matplotlib.pyplot as plt
 
     share = np.asarray(shares, dtype=np.float64)
-    errors = np.vstack([share - np.asarray(lows, np.float64), np.asarray(highs, np.float64) - share])
+    # clipped at 0: a Wilson bound at a share of 0 or 1 may differ from it by a rounding error
+    errors = np.vstack([share - np.asarray(lows, np.float64), np.asarray(highs, np.float64) - share]).clip(0)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.bar(range(len(labels)), share, color="tab:green", yerr=errors, capsize=3, ecolor="0.3")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
