@@ -59,7 +59,7 @@ def _run_html(run: dict, output: dict) -> str:
              "<p>The latest run into this output (run.json); the output holds every committed run's cases: "
              f"<b>{output['cases']}</b> cases scored ({output['frames']} frames, {output['positive_frames']} usable "
              f"frames) and <b>{output['failed_cases']}</b> cases that failed.</p>",
-             table(["", ""], rows, "info"), *(f"<p class='note'>{esc(str(note))}</p>" for note in run["notes"] or [])]
+             table(["run.json", ""], rows, "info"), *(f"<p class='note'>{esc(str(note))}</p>" for note in run["notes"] or [])]
     if run["history"]:
         parts += ["<h3>Earlier runs into this output</h3>",
                   table(["run id", "status", "started", "ended", "scored", "failed", "frames", "frames/s"],
