@@ -328,3 +328,32 @@ def test_the_command_prints_a_line_and_refuses_a_folder_without_run_json(known_r
     assert report_job.main(["--scores", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.strip() == (f"python -m jobs.report: error: {tmp_path / 'nothing'}: no run.json: "
                                                "not an output of `fetaliqa score`")
+
+
+@pytest.mark.parametrize("scores", ["cls_scores", "seg_scores"])
+def test_the_report_of_a_real_scoring_run_matches_its_parquet(scores, request, tmp_path):
+    """A `fetaliqa score` run of the synthetic archive: the report's figures are the committed tables' own."""
+    import pyarrow.compute as pc
+
+    from fetaliqa.score.ledger import read_table
+
+    out = request.getfixturevalue(scores)
+    summary = write_run_report(out, str(tmp_path / "report"))
+    cases, frames = read_table(out, "cases"), read_table(out, "frames")
+    usable = {c for c, p in zip(cases["case_id"].to_pylist(), cases["positives"].to_pylist()) if p > 0}
+    assert summary["decisions"]["overall"]["cases"] == cases.num_rows
+    assert summary["decisions"]["overall"]["usable"] == len(usable)
+    assert summary["output"]["frames"] == frames.num_rows
+    positive = frames.filter(frames["positive"])
+    for row in summary["sweep_coverage"]:
+        held = set(positive.filter(pc.equal(positive["sweep"], row["sweep"]))["case_id"].to_pylist())
+        assert row["usable"] == len(held)
+    rescan = list(csv.DictReader(io.StringIO((tmp_path / "report" / "rescan.csv").read_text())))
+    assert sorted(r["case_id"] for r in rescan) == sorted(set(cases["case_id"].to_pylist()) - usable)
+    if scores == "seg_scores":
+        with_ac = [c for c, a, p in zip(*(cases[n].to_pylist() for n in ("case_id", "ac_mm", "positives")))
+                   if a is not None and p > 0]
+        assert summary["ac"]["cases"] == len(with_ac)
+    else:
+        assert summary["ac"] is None
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["decisions"] == summary["decisions"]
