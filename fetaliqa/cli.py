@@ -11,9 +11,10 @@ COMMANDS = {
     "train": "fine-tune a model on an annotated archive with Ray Train (the paper's protocol)",
     "score": "score every frame of an archive on Ray and write Parquet",
     "evaluate": "compare a scoring run or challenge-format predictions with the annotations: metrics.json, report.html",
+    "report": "the morning report of a scoring run: decisions, rescan.csv, quality by site and sweep, AC, gallery",
     "export": "write a scoring run as ACOUSLIC-AI challenge-format predictions (segmentation stack + frame number)",
     "pseudonym": "print the pseudonyms a `score --pseudonymize-key-file` run wrote for identifiers (the key holder's)",
-    "demo": "the whole chain on a synthetic archive: synth, train, score, evaluate",
+    "demo": "the whole chain on a synthetic archive: synth, train, score, evaluate, report",
 }
 
 

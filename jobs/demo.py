@@ -2,7 +2,8 @@
 
 synthetic archive -> train a small CNN from scratch with Ray Train (2 workers, the paper's 70/10/20 case
 split; `--model` picks another architecture)
--> score the held-out test cases with the scoring job -> evaluate against their masks.
+-> score the held-out test cases with the scoring job -> evaluate against their masks -> the morning report
+(decisions, rescan list, gallery; `<output>/morning`), as a programme would read an unannotated run.
 Every step is the same recipe a user runs on a cluster; rerunning resumes where it stopped.
 """
 
@@ -21,6 +22,7 @@ from fetaliqa.score.schema import CASES
 from fetaliqa.training.protocol import load_split
 
 from jobs import evaluate as evaluate_job
+from jobs import report as report_job
 from jobs import score as score_job
 from jobs import synth as synth_job
 from jobs import train as train_job
@@ -48,7 +50,7 @@ def build_parser(prog: str = "python -m jobs.demo") -> argparse.ArgumentParser:
 def demo(args: argparse.Namespace) -> int:
     # Absolute, so that the test-case list names files that resolve from wherever it is read.
     root = args.output if "://" in args.output else os.path.abspath(args.output)
-    archive, model, scores, report = (join(root, p) for p in ("archive", "model", "scores", "report"))
+    archive, model, scores, report, morning = (join(root, p) for p in ("archive", "model", "scores", "report", "morning"))
     steps = [
         (synth_job, [archive, "--cases", str(args.cases), "--frames-per-sweep", "20", "--height", "140",
                      "--width", "186", "--seed", "0"]),
@@ -67,7 +69,9 @@ def demo(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     if evaluate_job.main(["--scores", scores, "--data", archive, "--output", report]) != 0:
         return 2
-    print_headline(scores, report, seconds)
+    if report_job.main(["--scores", scores, "--output", morning]) != 0:
+        return 2
+    print_headline(scores, report, morning, seconds)
     return 0
 
 
@@ -80,7 +84,7 @@ def write_test_list(archive: str, model: str, path: str) -> str:
     return path
 
 
-def print_headline(scores: str, report: str, seconds: float) -> None:
+def print_headline(scores: str, report: str, morning: str, seconds: float) -> None:
     fs, metrics_path = filesystem(join(report, "metrics.json"))
     frame = json.loads(fs.cat_file(metrics_path))["frame_metrics"]
     cases = read_table(scores, CASES).sort_by("case_id").to_pylist()
@@ -91,7 +95,8 @@ def print_headline(scores: str, report: str, seconds: float) -> None:
              f"recall {frame['recall']:.3f})", "  best frame per case:"]
     lines += [f"    {c['case_id']}  sweep {c['best_sweep']} frame {c['best_frame']:>3}  score {c['best_score']:.3f}"
               for c in cases]
-    lines += [f"  scores (Parquet)   {scores}/frames, {scores}/cases", f"  report             {report}/report.html"]
+    lines += [f"  scores (Parquet)   {scores}/frames, {scores}/cases", f"  evaluation         {report}/report.html",
+              f"  morning report     {morning}/report.html (rescan list: {morning}/rescan.csv)"]
     print("\n".join(lines), flush=True)
 
 

@@ -37,7 +37,8 @@ COMMANDS = readme_commands()
 
 
 def test_the_readme_shows_every_command():
-    assert {c[0] for c in COMMANDS} >= {"jobs.synth", "jobs.info", "jobs.train", "jobs.score", "jobs.evaluate"}
+    assert {c[0] for c in COMMANDS} >= {"jobs.synth", "jobs.info", "jobs.train", "jobs.score", "jobs.evaluate",
+                                        "jobs.report"}
     assert "make demo" in README and "make test" in README
 
 
