@@ -16,6 +16,7 @@ from conftest import assert_decisions_follow_the_frames, own_stderr_lines
 from pydicom.uid import MPEG4HP41
 
 from fetaliqa import cli
+from fetaliqa.evaluation.run_report import write_run_report
 from fetaliqa.inputs import layout
 from fetaliqa.pseudonym import key_id, pseudonym
 from fetaliqa.score.ledger import read_table
@@ -143,6 +144,25 @@ def test_one_run_scores_the_mixed_folder(ray_local, mixed, cls_checkpoint, tmp_p
     assert {by_case[s]["institution"] for s in (a, b, c)} == {"Synthetic North Clinic", "Synthetic South Hospital"}
     for case_id in mixed["ids"]:
         assert [by_case[case_id][k] for k in CONTEXT] == [None] * len(CONTEXT)
+
+    # The morning report of this run: its decisions by site and month are the cases table's own.
+    summary = write_run_report(out, str(tmp_path / "morning"))
+    assert json.loads((tmp_path / "morning" / "summary.json").read_text())["decisions"] == summary["decisions"]
+    decisions = summary["decisions"]
+    assert (decisions["overall"]["cases"], decisions["overall"]["usable"]) == (
+        cases.num_rows, sum(d == "usable" for d in cases["decision"].to_pylist()))
+    for key, column in (("site", "institution"), ("month", "study_date")):
+        expected = {}
+        for row in by_case.values():
+            if row[column] is not None:
+                value = row[column][:7] if key == "month" else row[column]
+                expected.setdefault(value, [0, 0])
+                expected[value][0] += 1
+                expected[value][1] += row["decision"] == "usable"
+        assert {g["value"]: [g["cases"], g["usable"]] for g in decisions[key]["groups"]} == expected
+        assert decisions[key]["unknown_cases"] == len(mixed["ids"])
+    page = (tmp_path / "morning" / "report.html").read_text()
+    assert "Synthetic North Clinic" in page and "Synthetic South Hospital" in page
 
 
 CONTEXT = ("study_date", "institution", "station", "manufacturer", "device_model")
