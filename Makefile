@@ -6,8 +6,8 @@
 # The stack is installed by uv (from the registry, into the venv): measured on a 2-core machine from a
 # fresh clone with empty caches, 81 s against pip's ~5 min (pip unpacks torch's CUDA wheels slowly).
 # uv compiles the bytecode at install, as pip does (--compile-bytecode), so that the suite's many fresh Python
-# processes (Ray workers, subprocess jobs) do not compile what they import. The suite took 1,660 s in a
-# clean clone whose venv uv built without it, 1,107 s in a pip-built venv on the same machine (2026-12-06).
+# processes (Ray workers, subprocess jobs) do not compile what they import: in a clean clone the suite took
+# 1,660 s (598 tests) without it and 951 s (657 tests) with it, on the same 2-core machine (2026-12-05/06).
 # Should uv fail (a registry uv cannot reach, say), pip installs the same pins.
 PYTHON ?= python3
 UV := uv==0.13.9
