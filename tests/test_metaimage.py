@@ -189,7 +189,7 @@ def _outcome(path: Path):
 
 def _without_fast_path(monkeypatch, path: Path):
     with monkeypatch.context() as patch:
-        patch.setattr(metaimage, "read_metaimage", lambda local: None)
+        patch.setattr(metaimage, "read_metaimage", lambda local, buffer=None: None)
         return _outcome(path)
 
 
@@ -242,3 +242,77 @@ def test_read_image_stack_reports_damage_as_before(tmp_path, monkeypatch, damage
     if damage != "zlib flipped":
         with pytest.raises(errors.TruncatedFileError, match=f"^{path}: truncated or corrupt image data"):
             read_image_stack(str(path))
+
+
+def test_the_pinned_deflate_package_exports_libdeflates_c_api():
+    """The fast path writes into a numpy buffer through libdeflate's C API (see `metaimage._Libdeflate`);
+    a `deflate` build that stops exporting it would silently fall back to the slower bytearray path."""
+    assert metaimage._LIBDEFLATE is not None
+
+
+@pytest.fixture(params=["libdeflate C API", "deflate.zlib_decompress"])
+def inflater(request, monkeypatch):
+    """Each test using it runs with both of `read_metaimage`'s inflaters."""
+    if request.param == "deflate.zlib_decompress":
+        monkeypatch.setattr(metaimage, "_LIBDEFLATE", None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float64], ids=lambda d: np.dtype(d).name)
+def test_both_inflaters_read_bit_identically(tmp_path, inflater, dtype):
+    _assert_same_as_sitk(_write_with_sitk(tmp_path / "case.mha", _pixels(dtype), compress=True))
+
+
+def test_both_inflaters_read_big_endian_bit_identically(tmp_path, inflater):
+    array = _pixels(np.int16)
+    stream = zlib.compress(array.astype(">i2").tobytes())
+    path = _write_by_hand(tmp_path / "case.mha", _header(array, "MET_SHORT", "BinaryDataByteOrderMSB = True",
+                                                         "CompressedData = True", f"CompressedDataSize = {len(stream)}"),
+                          stream)
+    fast = read_metaimage(str(path))
+    assert fast is not None and fast.pixels.dtype == np.int16 and np.array_equal(fast.pixels, array)
+
+
+@pytest.mark.parametrize("size", ["longer", "shorter"])
+def test_both_inflaters_leave_a_stream_of_another_size_to_simpleitk(tmp_path, inflater, size):
+    array = _pixels(np.uint8)
+    data = array.tobytes() + b"\x07" * 10 if size == "longer" else array.tobytes()[:-10]
+    stream = zlib.compress(data)
+    path = _write_by_hand(tmp_path / "case.mha", _header(array, "MET_UCHAR", "CompressedData = True",
+                                                         f"CompressedDataSize = {len(stream)}"), stream)
+    assert read_metaimage(str(path)) is None
+
+
+@pytest.mark.parametrize("damage", ["zlib cut", "zlib flipped"])
+def test_both_inflaters_leave_damaged_streams_to_simpleitk(tmp_path, inflater, damage):
+    assert read_metaimage(str(_damaged(tmp_path, damage))) is None
+
+
+def test_a_decode_buffer_serves_case_after_case_from_one_allocation(tmp_path):
+    first = _write_with_sitk(tmp_path / "first.mha", _pixels(np.uint8, seed=1), compress=True)
+    second = _write_with_sitk(tmp_path / "second.mha", _pixels(np.uint8, seed=2), compress=False)
+    larger = _write_with_sitk(tmp_path / "larger.mha", _pixels(np.float32, (12, 13, 7)), compress=True)
+    buffer = metaimage.DecodeBuffer()
+    read_first = read_metaimage(str(first), buffer).pixels
+    assert np.array_equal(read_first, sitk.GetArrayFromImage(sitk.ReadImage(str(first))))
+    read_second = read_metaimage(str(second), buffer).pixels
+    assert np.shares_memory(read_first, read_second)  # the same memory, now the second case's
+    assert np.array_equal(read_second, sitk.GetArrayFromImage(sitk.ReadImage(str(second))))
+    for path in (larger, first):  # grows for the larger case, then serves the smaller one from that
+        pixels = read_metaimage(str(path), buffer).pixels
+        assert pixels.tobytes() == sitk.GetArrayFromImage(sitk.ReadImage(str(path))).tobytes()
+        assert pixels.flags.c_contiguous and pixels.flags.writeable
+
+
+def test_read_case_row_gives_the_same_frames_with_a_shared_buffer(tmp_path):
+    from fetaliqa.score.read import read_case_row  # noqa: PLC0415 - the scoring read path, used by one test here
+
+    cases = [_write_with_sitk(tmp_path / "small.mha", _pixels(np.uint8, (6, 40, 52), seed=3), compress=True),
+             _write_with_sitk(tmp_path / "large.mha", _pixels(np.uint8, (12, 70, 90), seed=4), compress=True),
+             _write_with_sitk(tmp_path / "raw.mha", _pixels(np.uint8, (6, 40, 52), seed=5), compress=False)]
+    buffer = metaimage.DecodeBuffer()
+    for path in cases + cases[::-1]:
+        shared = read_case_row(path.stem, str(path), image_size=32, buffer=buffer)
+        alone = read_case_row(path.stem, str(path), image_size=32)
+        assert shared["error"] == "" and np.array_equal(shared["images"], alone["images"])
+        assert not np.shares_memory(shared["images"], buffer.array((1,), np.uint8))  # resized copies leave it

@@ -16,22 +16,25 @@ from fetaliqa.errors import BadFrameCountError, BadShapeError, MissingMaskError
 from fetaliqa.inputs import layout
 from fetaliqa.inputs.dicom import read_dicom_header, read_dicom_instance
 from fetaliqa.inputs.listing import CaseRef
+from fetaliqa.inputs.metaimage import DecodeBuffer
 from fetaliqa.inputs.stacks import Stack, read_image_geometry, read_image_stack, read_mask_stack
 from fetaliqa.inputs.storage import StorageOptions
 
 Geometry = tuple[tuple[int, int, int], tuple[float, float] | None]  # ((T, H, W), (row, col) mm or None)
 
 
-def read_case_frames(case: CaseRef, storage_options: StorageOptions = None, max_bytes: int | None = None) -> Stack:
+def read_case_frames(case: CaseRef, storage_options: StorageOptions = None, max_bytes: int | None = None,
+                     buffer: DecodeBuffer | None = None) -> Stack:
     """The case's native frames as a `Stack`: ``(T, H, W)`` uint8 and (row, col) spacing in mm (None for a study
-    whose instances state none). `max_bytes` bounds a stacked image's decoded size, or each instance's.
+    whose instances state none). `max_bytes` bounds a stacked image's decoded size, or each instance's. `buffer`:
+    memory a caller reuses case after case for stacked images (see `read_image_stack`).
 
     A study must be `layout.SWEEPS_PER_CASE` sweeps of one frame count and one cropped size (the masks, the
     circumference csv and the sweep of a frame all assume it): else `BadFrameCountError` / `BadShapeError` naming
     the study's first sweep. Otherwise raises the readers' `InputError`s, each naming the file.
     """
     if case.instances is None:
-        return read_image_stack(case.source, storage_options, max_bytes)
+        return read_image_stack(case.source, storage_options, max_bytes, buffer)
     instances = [read_dicom_instance(uri, storage_options, max_bytes) for uri in case.instances]
     _check_sweeps(case, [i.frames.shape for i in instances])
     return Stack(frames=np.concatenate([i.frames for i in instances]), spacing_mm=instances[0].spacing_mm,

@@ -28,12 +28,14 @@ exactly the declared size (SimpleITK then reports the damage as it always has).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
 from dataclasses import dataclass
 
 import deflate
+import deflate._deflate
 import numpy as np
 
 SUFFIXES = (".mha", ".mhd")
@@ -67,6 +69,28 @@ class MetaImage:
     spacing: tuple[float, float, float]
 
 
+class DecodeBuffer:
+    """Memory that one reader decodes case after case into, so that each case does not map fresh pages.
+
+    A new 351 MB buffer per ACOUSLIC case costs the kernel's page faults (and zeroing) on every case: on the
+    2-core dev VM the decode took a median 1.00 ms a frame into fresh memory against 0.60 into reused memory
+    (benchmarks/RESULTS-decode-resize.md). Arrays handed out are views of one allocation, valid until the
+    next `array` call: only a caller that is done with a case's pixels before it reads the next (a scoring
+    read task resizes them at once) may share one.
+    """
+
+    def __init__(self) -> None:
+        self._memory = np.empty(0, np.uint8)
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A C-contiguous writable ``shape`` array of `dtype` in this buffer (grown when too small)."""
+        n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if self._memory.nbytes < n_bytes:
+            self._memory = np.empty(0, np.uint8)  # let the old allocation go before taking the larger one
+            self._memory = np.empty(n_bytes, np.uint8)
+        return self._memory[:n_bytes].view(dtype).reshape(shape)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Where and how a header says its pixels are stored."""
@@ -80,18 +104,19 @@ class _Layout:
     compressed_size: int | None  # None: uncompressed; -1: the rest of the data file
 
 
-def read_metaimage(path: str) -> MetaImage | None:
+def read_metaimage(path: str, buffer: DecodeBuffer | None = None) -> MetaImage | None:
     """The pixels and spacing of the local MetaImage at `path`, or None when the file is outside what
     this module covers (see the module docstring) or damaged: the caller then reads it with SimpleITK.
 
-    Memory: one buffer of the decoded size (libdeflate's output, used as is); the compressed bytes are
-    mapped from the file, not copied.
+    Memory: one buffer of the decoded size (the returned array, which libdeflate fills): a new array, or
+    a view into `buffer` when given (valid until `buffer`'s next use); the compressed bytes are mapped from
+    the file, not copied.
     """
     try:
         layout = _parse_layout(path)
         if layout is None:
             return None
-        pixels = _inflate(layout) if layout.compressed_size is not None else _read_raw(layout)
+        pixels = _inflate(layout, buffer) if layout.compressed_size is not None else _read_raw(layout, buffer)
     except (OSError, ValueError, deflate.DeflateError):  # unreadable or damaged: SimpleITK decides
         return None
     if pixels is None:
@@ -188,8 +213,8 @@ def _byte_order_msb(fields: dict[str, str]) -> bool | None:
     return values.pop() if values else False
 
 
-def _inflate(layout: _Layout) -> np.ndarray | None:
-    """Inflate the zlib stream into one buffer of the decoded size: ``(T, H, W)`` of `layout.dtype`."""
+def _inflate(layout: _Layout, buffer: DecodeBuffer | None) -> np.ndarray | None:
+    """Inflate the zlib stream into one array of the decoded size: ``(T, H, W)`` of `layout.dtype`."""
     n_bytes = math.prod(layout.shape) * layout.dtype.itemsize
     with open(layout.data_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         with memoryview(mapped) as whole:
@@ -199,11 +224,65 @@ def _inflate(layout: _Layout) -> np.ndarray | None:
             with whole[layout.data_offset:end] as stream:
                 if not _is_zlib_header(stream[0], stream[1]):
                     return None
-                # libdeflate writes into a bytearray it sizes from `n_bytes`: the array below is that buffer.
-                buffer = deflate.zlib_decompress(stream, n_bytes)
-    if len(buffer) != n_bytes:
+                if _LIBDEFLATE is None:
+                    buffer = deflate.zlib_decompress(stream, n_bytes)  # the package's own bytearray
+                    return np.frombuffer(buffer, layout.dtype).reshape(layout.shape) if len(buffer) == n_bytes else None
+                pixels = _new_pixels(layout, buffer)
+                return pixels if _LIBDEFLATE.inflate_exactly(stream, pixels) else None
+
+
+class _Libdeflate:
+    """libdeflate's own C API, from the copy the `deflate` package bundles and exports.
+
+    Why not ``deflate.zlib_decompress``: it returns a new bytearray, which malloc maps in 4 KiB pages that
+    fault one by one as libdeflate writes them; for an ACOUSLIC case (351 MB) that is 86,000 faults, 23% of
+    the decode's CPU (0.78 against 0.64 ms a frame, benchmarks/RESULTS-decode-resize.md). A numpy buffer of
+    that size is advised to transparent huge pages, so libdeflate writes the pixels straight into the
+    array fetaliqa returns. Same function, same checks (the Adler-32 trailer, the exact decoded size).
+    """
+
+    _SUCCESS = 0
+
+    def __init__(self, library: ctypes.CDLL):
+        self._alloc = library.libdeflate_alloc_decompressor
+        self._alloc.restype, self._alloc.argtypes = ctypes.c_void_p, []
+        self._free = library.libdeflate_free_decompressor
+        self._free.restype, self._free.argtypes = None, [ctypes.c_void_p]
+        self._zlib_decompress = library.libdeflate_zlib_decompress
+        self._zlib_decompress.restype = ctypes.c_int
+        # (decompressor, in, in_nbytes, out, out_nbytes_avail, actual_out_nbytes_ret): with the last NULL,
+        # libdeflate succeeds only when the stream fills `out` exactly.
+        self._zlib_decompress.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                          ctypes.c_size_t, ctypes.c_void_p]
+
+    def inflate_exactly(self, stream: memoryview, out: np.ndarray) -> bool:
+        """Inflate the zlib `stream` into the C-contiguous `out`; True when it filled `out` exactly."""
+        source = np.frombuffer(stream, np.uint8)  # a view, for its address; ctypes releases the GIL in the call
+        decompressor = self._alloc()  # ~10 kB; one per call, as a decompressor serves one thread at a time
+        if not decompressor:
+            raise MemoryError("libdeflate could not allocate a decompressor")
+        try:
+            result = self._zlib_decompress(decompressor, source.ctypes.data, source.nbytes, out.ctypes.data,
+                                           out.nbytes, None)
+        finally:
+            self._free(decompressor)
+        return result == self._SUCCESS
+
+
+def _load_libdeflate() -> _Libdeflate | None:
+    """libdeflate from the `deflate` package's extension, or None where a build does not export its API
+    (then `deflate.zlib_decompress` inflates, a little slower)."""
+    try:
+        return _Libdeflate(ctypes.CDLL(deflate._deflate.__file__))
+    except (OSError, AttributeError):
         return None
-    return np.frombuffer(buffer, layout.dtype).reshape(layout.shape)
+
+
+_LIBDEFLATE = _load_libdeflate()
+
+
+def _new_pixels(layout: _Layout, buffer: DecodeBuffer | None) -> np.ndarray:
+    return np.empty(layout.shape, layout.dtype) if buffer is None else buffer.array(layout.shape, layout.dtype)
 
 
 def _is_zlib_header(cmf: int, flg: int) -> bool:
@@ -211,9 +290,9 @@ def _is_zlib_header(cmf: int, flg: int) -> bool:
     return cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0
 
 
-def _read_raw(layout: _Layout) -> np.ndarray | None:
-    """Read uncompressed pixels straight into a new ``(T, H, W)`` array of `layout.dtype`."""
-    pixels = np.empty(layout.shape, layout.dtype)
+def _read_raw(layout: _Layout, buffer: DecodeBuffer | None) -> np.ndarray | None:
+    """Read uncompressed pixels straight into a ``(T, H, W)`` array of `layout.dtype`."""
+    pixels = _new_pixels(layout, buffer)
     with memoryview(pixels).cast("B") as target, open(layout.data_path, "rb", buffering=0) as f:
         f.seek(layout.data_offset)
         filled = 0

@@ -66,7 +66,8 @@ class Stack:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> Stack:
+def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes: int | None = None,
+                     buffer: metaimage.DecodeBuffer | None = None) -> Stack:
     """Read one stacked image as a `Stack` of ``(T, H, W)`` uint8 frames.
 
     `max_bytes`: the most the decoded pixels may take (None: no limit). Their size is computed from the
@@ -81,7 +82,8 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes
     temporary file first (SimpleITK reads only local files). MetaImage pixels are decoded by
     `metaimage.read_metaimage` (libdeflate) where it covers the header, else by SimpleITK; the header
     checks above are SimpleITK's either way. Memory: uint8 frames are the decoder's own buffer, not a copy
-    (other pixel types: one converted copy).
+    (other pixel types: one converted copy); with `buffer`, a MetaImage the fast path reads is decoded into
+    it, and uint8 frames are then a view of it, valid until its next use (`metaimage.DecodeBuffer`).
 
     Pixel rule (applied explicitly; no other conversion happens):
     - uint8: kept as is;
@@ -107,7 +109,7 @@ def read_image_stack(uri: str, storage_options: StorageOptions = None, max_bytes
             raise BadFrameCountError(
                 uri, f"{n_frames} frames is not a multiple of {layout.SWEEPS_PER_CASE} sweeps"
             )
-        fast = metaimage.read_metaimage(local) if layout.image_suffix(uri) in metaimage.SUFFIXES else None
+        fast = metaimage.read_metaimage(local, buffer) if layout.image_suffix(uri) in metaimage.SUFFIXES else None
         if fast is not None and fast.pixels.shape == shape:  # None: a file the fast path leaves to SimpleITK
             frames = _array_to_uint8(fast.pixels, uri)
             return Stack(frames=frames, spacing_mm=(fast.spacing[1], fast.spacing[0]), source=uri)

@@ -33,6 +33,7 @@ from fetaliqa.inputs.cases import read_case_frames
 from fetaliqa.inputs.dicom import read_dicom_instance
 from fetaliqa.inputs.layout import SWEEPS_PER_CASE
 from fetaliqa.inputs.listing import MAX_CASE_BYTES, CaseRef
+from fetaliqa.inputs.metaimage import DecodeBuffer
 from fetaliqa.inputs.storage import StorageOptions
 from fetaliqa.preprocess import IMAGE_SIZE, resize_by
 
@@ -63,7 +64,8 @@ KILL_READ_ENV = "FETALIQA_FAULT_KILL_READ_OF"
 
 def read_case_row(case_id: str, source: str, storage_options: StorageOptions = None,
                   image_size: int = IMAGE_SIZE, instances: list[str] | None = None, error: str = "",
-                  message: str = "", resize: str = "bicubic", max_case_bytes: int | None = READ_TASK_MEMORY) -> dict:
+                  message: str = "", resize: str = "bicubic", max_case_bytes: int | None = READ_TASK_MEMORY,
+                  buffer: DecodeBuffer | None = None) -> dict:
     """Decode one case and preprocess its frames on CPU; record an input error instead of raising.
 
     A stacked image is read from `source`; a DICOM study from `instances`, its sweeps in order (each
@@ -71,7 +73,8 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
     A case the listing already found bad (`error` set) is returned as it is, unread. Frames are resized by
     `resize` (a key of `fetaliqa.preprocess.RESIZES`: the checkpoint's). A stacked image, or an instance of a
     study, whose header declares more than `max_case_bytes` decoded (None: no limit) is refused undecoded
-    (`too_large`; see the module docstring).
+    (`too_large`; see the module docstring). `buffer`: memory the caller decodes its cases into one after
+    another (a read task's; the native frames never leave this function, only their resized copy).
 
     Returns {"case_id", "source", "images" (T, S, S) uint8 (S = `image_size`, the checkpoint's),
     "sweeps" (JSON text: a list, one object per sweep in order, {"frames", "height", "width" (native size of
@@ -90,7 +93,7 @@ def read_case_row(case_id: str, source: str, storage_options: StorageOptions = N
         return out
     try:
         if instances is None:
-            stack = read_case_frames(CaseRef(case_id, source), storage_options, max_case_bytes)
+            stack = read_case_frames(CaseRef(case_id, source), storage_options, max_case_bytes, buffer)
             n, height, width = stack.frames.shape
             sweep = {"frames": n // SWEEPS_PER_CASE, "height": height, "width": width,
                      "spacing": list(stack.spacing_mm), "sop_instance_uid": None}
@@ -195,9 +198,11 @@ class CaseReader(Datasource):
         options, size, resize, max_bytes = self.storage_options, self.image_size, self.resize, self.max_case_bytes
 
         def read() -> Iterator:
+            buffer = DecodeBuffer()  # the task's cases decode one after another into the same memory
             for case_id, source, uris, error, message in zip(ids, sources, instances, errors, messages):
                 _maybe_die_reading(case_id)
-                row = read_case_row(case_id, source, options, size, uris, error, message, resize, max_bytes)
+                row = read_case_row(case_id, source, options, size, uris, error, message, resize, max_bytes,
+                                    buffer)
                 yield BlockAccessor.batch_to_block({key: np.asarray([value]) if key != "images" else value[None]
                                                     for key, value in row.items()})
 
