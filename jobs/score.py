@@ -1,6 +1,6 @@
 """Score every frame of a sweep archive on Ray and write Parquet: `python -m jobs.score --input ... --checkpoint ... --output ...`.
 
-ReadCases (CPU tasks: fsspec -> SimpleITK, or pydicom for DICOM studies -> 224x224 frames) -> ScoreFrames (actors holding the model, GPU
+ReadCases (CPU tasks: fsspec -> fetaliqa's MetaImage reader or SimpleITK, or pydicom for DICOM studies -> 224x224 frames) -> ScoreFrames (actors holding the model, GPU
 or CPU) -> summarise_cases (CPU: masks to native size, PNGs, AC) -> WriteParts (Parquet parts of many cases,
 each committed by a record). Rerunning the same command after any failure finishes the archive: complete
 cases are skipped, nothing is scored twice (`fetaliqa.score.ledger`). With --pseudonymize-key-file, identifiers
