@@ -7,7 +7,8 @@
 # lacks (WHEELS below), and packs them into folders .whl/call1, .whl/call2, ... of at most CALL_MIB each: one a
 # device call, since a call carries at most 64 MiB of working tree and names at most 8 carried paths. A wheel
 # over CALL_MIB (ray, ~76 MiB) is split into NAME.part00, NAME.part01, ... (`split`), which may land in different
-# folders; ray_job_gpu.sh joins them again in part order (`cat`). It ends by printing the calls to make, in order;
+# folders; ray_job_gpu.sh joins them again in part order (`cat`) and checks every wheel against SHA256SUMS (in the
+# last folder). It ends by printing the calls to make, in order;
 # ignored files carried earlier stay on the machine only while it is warm (~30 s after a call), so make them one
 # right after the other. .whl/ is git-ignored; a rerun starts it afresh.
 set -euo pipefail
@@ -65,6 +66,7 @@ pack_calls() {  # first-fit decreasing of .whl/all's files into .whl/call1, call
         mv "$file" ".whl/call$((i + 1))/"
     done < <(find .whl/all -type f -printf '%s %p\n' | sort -rn)
     rmdir .whl/all
+    mv .whl/SHA256SUMS "$(find .whl -maxdepth 1 -name 'call*' | sort -V | tail -1)/"
 }
 
 print_calls() {
@@ -83,6 +85,7 @@ grep -qx '/.whl/' .gitignore || echo '/.whl/' >> .gitignore
 rm -rf .whl
 mkdir -p .whl/all
 download
+(cd .whl/all && sha256sum -- *.whl > ../SHA256SUMS)  # of the whole wheels, before any is split
 split_large
 pack_calls
 ls -lR .whl
