@@ -226,7 +226,7 @@ def markdown(args: argparse.Namespace, device: torch.device, figures: dict) -> s
         f"(random init).", "",
         f"Data: {args.cases} cases of {frames_per_case} frames of {args.height} x {args.width} "
         f"({figures['frames_total']:,} frames), {args.distinct_cases} synthesised and the rest hard links to them "
-        f"under new uuids: the page cache holds the {args.distinct_cases} distinct files, so reads come from memory.", "",
+        f"under new uuids: the page cache holds only the distinct files, so reads come from memory.", "",
         f"Jobs: `python -m jobs.score --input ARCHIVE --checkpoint CHECKPOINT --output OUT --num-gpus-per-actor "
         f"{figures['gpus']}` per task, then `python -m jobs.train --data ARCHIVE --task cls --model {args.model} "
         f"--weights TOWER.safetensors --epochs 1 --workers 1{' --use-gpu' if figures['gpus'] else ''} --output OUT2`, "
