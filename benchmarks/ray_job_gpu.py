@@ -12,8 +12,8 @@ From the repository root, with fetaliqa importable; the device is the first GPU 
      csv rows too, so the page cache holds only the distinct files;
   2. random-init weights: a CLS and a SEG checkpoint (`save_checkpoint`) to score with, and the FetalCLIP tower
      as safetensors, which LoRA training needs as `--weights` (speed does not depend on the weights);
-  3. the decode rate of one core: `read_case_row` (read + resize, as a read task does) of one case in a child
-     process pinned to one CPU;
+  3. the decode rate of one core: `read_case_row` (read + resize into a reused `DecodeBuffer`, as a read task
+     does) of one case in a child process pinned to one CPU;
   4. the predictor alone: `ScoreFrames` on one case's resized frames at the device's default batch
      (`gpu_throughput.predictor_rates`, the figures of benchmarks/RESULTS-gpu.md);
   5. the job: `python -m jobs.score ... --num-gpus-per-actor 1` for CLS, then SEG, each a process with its own
@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 
 import fetaliqa
 from fetaliqa.inputs import layout
+from fetaliqa.inputs.metaimage import DecodeBuffer
 from fetaliqa.models import DEFAULT_THRESHOLD, build_model, save_checkpoint
 from fetaliqa.models.encoders import create_image_tower
 from fetaliqa.models.frame_model import default_batch_size
@@ -130,9 +131,11 @@ def core_decode_rate(case_id: str, source: str, image_size: int, repeats: int) -
 def _decode_on_one_core(cpu: int, case_id: str, source: str, image_size: int, repeats: int) -> float:
     os.sched_setaffinity(0, {cpu})
     single_thread()  # torch, BLAS, SimpleITK and OpenCV: threads beyond one would only share the core
-    read_case_row(case_id, source, image_size=image_size)
+    buffer = DecodeBuffer()  # as a read task decodes its cases
+    read_case_row(case_id, source, image_size=image_size, buffer=buffer)
     started = time.perf_counter()
-    frames = sum(len(read_case_row(case_id, source, image_size=image_size)["images"]) for _ in range(repeats))
+    frames = sum(len(read_case_row(case_id, source, image_size=image_size, buffer=buffer)["images"])
+                 for _ in range(repeats))
     return frames / (time.perf_counter() - started)
 
 
