@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import psutil
 import pytest
 from conftest import own_stderr_lines
 
+from fetaliqa.errors import FetaliqaError
 from fetaliqa.inputs import storage
 from fetaliqa.models import load_checkpoint
 from fetaliqa.score import lease, ledger, record
@@ -161,3 +163,15 @@ def test_a_second_score_run_or_overwrite_against_a_live_lease_is_refused_and_del
         assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
         assert in_flight.read_bytes() == b"being written"
     live.release()
+
+
+def test_a_filesystem_without_hard_links_refuses_the_lease_in_one_line(tmp_path, monkeypatch):
+    def no_hard_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")  # what link(2) answers on such a mount
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    with pytest.raises(FetaliqaError) as refused:
+        Lease(str(tmp_path / "out"), "run-1").take()
+    message = str(refused.value)
+    assert "\n" not in message and str(tmp_path / "out") in message and "hard links" in message
+    assert os.listdir(tmp_path / "out" / "_fetaliqa") == []  # its temporary file is not left behind

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -258,6 +259,10 @@ def _store(fs, path: str, local: bool):
     return _BestEffortLease(fs, path)
 
 
+# What link(2) answers on a filesystem that makes no hard links (some FUSE and SMB mounts, FAT).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
 class _LocalLease:
     """The lease file on a local disk; a token is the file's bytes."""
 
@@ -275,6 +280,15 @@ class _LocalLease:
         temporary = storage.synced_temporary(self.folder, "lease", content)
         try:
             os.link(temporary, self.path)  # FileExistsError when there is a lease
+        except FileExistsError:
+            raise
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            raise FetaliqaError(
+                f"{self.folder}: cannot take the output's lease: this filesystem makes no hard links "
+                f"({err.strerror}), which the lease needs to be exclusive; write --output to a local disk, NFS or "
+                "object storage") from err
         finally:
             os.unlink(temporary)
         storage.fsync_folder(self.folder)

@@ -3,7 +3,7 @@
 A write task stages nothing: it writes its part's files under their final names (`frames/<part>.parquet`,
 `cases/...`, `errors/...`; on a local filesystem through a hidden temporary file and a rename), and then
 its commit record `_fetaliqa/parts/<part>.json`, which names the files and the case ids the part scored
-and failed (with a failed DICOM study, the file names of its bad instances, whose rows are retried with
+and failed (with a failed DICOM study, the URIs of its bad instances, whose rows are retried with
 it). The record is the commit: one object PUT, atomic on every object store (a rename on a local
 filesystem). A part without a record does not exist:
 
