@@ -186,3 +186,8 @@ def test_gpu_benchmark_smoke_run_on_cpu_without_ray(tmp_path):
         assert cls > 0 and seg > 0
     assert "| SEG decoder alone, batch 1 | ms a frame |" in table
     assert table.count("max |score difference|") == 2 and "SEG mask pixels that differ" in table
+    # The attention check runs without --compile (which is left to a manual run: inductor takes ~30 s a task
+    # here); on CPU it tries the CPU flash kernel and MATH, and names the ops the tower's forward dispatches.
+    for backend in ("| as built (every backend allowed) | - | aten::", "| FLASH_ATTENTION only | ", "| MATH only | "):
+        assert backend in table, f"no attention row {backend!r} in\n{table}"
+    assert "- Fused SDPA kernel in the tower as built, on cpu: " in table and "torch.compile" not in table
