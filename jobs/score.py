@@ -65,7 +65,8 @@ def build_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser.add_argument("--max-case-gib", type=_positive_gib, default=READ_TASK_MEMORY / 2**30,
                         help="largest decoded size of a case (of a DICOM study: of each instance), computed from its "
                              "header before decoding; a larger one is an errors/ row 'too_large' "
-                             "(default: %(default)g, the memory a read task declares)")
+                             "(default: %(default)g, the memory a read task declares; a larger value makes read tasks "
+                             "declare as much)")
     parser.add_argument("--pseudonymize-key-file", default=None, metavar="PATH",
                         help="write every identifier (case_id, source, SOP Instance UIDs, institution, station) as its "
                              "HMAC-SHA256 pseudonym under the key in this file (local path or fsspec URL; at least "
@@ -126,7 +127,7 @@ def score(args: argparse.Namespace) -> int:
             reader = CaseReader(todo, so, image_size, resize=meta["preprocess"]["interpolation"],
                                 max_case_bytes=max_case_bytes)
             context.max_errored_blocks = math.ceil(LOST_READ_TASKS_TOLERATED * reader.read_task_count())
-            ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=READ_TASK_MEMORY,
+            ds = ray.data.read_datasource(reader, override_num_blocks=reader.read_task_count(), memory=reader.task_memory(),
                                           concurrency=reader.read_concurrency(),
                                           ray_remote_args={"max_retries": READ_TASK_RETRIES})
             cases_per_call = predictor_cases_per_call(args.num_gpus_per_actor, todo.num_rows, reader.read_task_count())

@@ -473,3 +473,13 @@ def test_csv_missing_and_empty(tmp_path):
     write_csv(tmp_path, "")
     with pytest.raises(errors.EmptyFileError, match="fetal_abdominal_circumferences_per_sweep.csv"):
         stacks.read_circumferences(str(tmp_path))
+
+
+@pytest.mark.parametrize("max_gib, declared_gib", [(None, 1.5), (0.5, 1.5), (1.5, 1.5), (4.0, 4.0)])
+def test_read_tasks_declare_the_memory_of_the_largest_case_they_may_decode(max_gib, declared_gib):
+    from fetaliqa.inputs.listing import LISTING_SCHEMA  # noqa: PLC0415 - the scoring reader, used here only
+    from fetaliqa.score.read import CaseReader  # noqa: PLC0415
+
+    max_bytes = None if max_gib is None else int(max_gib * 2**30)
+    reader = CaseReader(LISTING_SCHEMA.empty_table(), max_case_bytes=max_bytes)
+    assert reader.task_memory() == int(declared_gib * 2**30)

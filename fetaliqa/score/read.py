@@ -6,7 +6,7 @@ found bad (not DICOM, bad header or UID, too large) is a row with `error` set, s
 without being read. A URI in a manifest that is missing or unreadable gets its `errors/` row when read.
 
 Sizes are checked before allocating, against `max_case_bytes` (`--max-case-gib`; default `READ_TASK_MEMORY`,
-what a read task declares): a stacked case whose decoded size (from its header) is over it is a `too_large`
+what a read task declares, and a larger limit makes a task declare as much: `CaseReader.task_memory`): a stacked case whose decoded size (from its header) is over it is a `too_large`
 row. A DICOM study is decoded one instance at a time, each instance's frames released once resized, so the
 limit applies to each instance: one over it (found at listing from its header, checked again at reading) is
 its own `too_large` row, and its study goes on with its other sweeps.
@@ -160,6 +160,12 @@ class CaseReader(Datasource):
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
+
+    def task_memory(self) -> int:
+        """Bytes each read task declares to Ray: `READ_TASK_MEMORY`, or `max_case_bytes` when that is larger
+        (`--max-case-gib` above the default), so that Ray places a task that may decode such a case only where
+        that much memory is free."""
+        return max(READ_TASK_MEMORY, self.max_case_bytes or 0)
 
     def read_task_count(self) -> int:
         """Tasks of up to `MAX_CASES_PER_READ_TASK` consecutive cases, and at least `TASKS_PER_CPU` per cluster
