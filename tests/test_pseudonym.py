@@ -14,6 +14,7 @@ from conftest import own_stderr_lines
 
 from fetaliqa import cli
 from fetaliqa.errors import FetaliqaError, MissingObjectError
+from fetaliqa.inputs import storage
 from fetaliqa.pseudonym import KeyFile, Pseudonyms, key_id, load_key, pseudonym
 from fetaliqa.score.write import summarise_cases
 from jobs import score as score_job
@@ -105,3 +106,13 @@ def test_the_key_holder_pseudonymises_arguments_or_stdin(tmp_path, capsys, monke
     monkeypatch.setattr("sys.stdin", io.StringIO("a\r\n\nb\n"))
     assert cli.main(["pseudonym", "--key-file", str(key)]) == 0
     assert capsys.readouterr().out == f"a,{pseudonym(KEY, 'a')}\nb,{pseudonym(KEY, 'b')}\n"
+
+
+def test_a_key_file_in_object_storage_is_read_and_a_missing_one_named(s3_bucket):
+    bucket, options = s3_bucket
+    fs, root = storage.filesystem(bucket, options)
+    fs.pipe_file(f"{root}/keys/fetaliqa.key", KEY + b"\n")
+    assert load_key(f"{bucket}/keys/fetaliqa.key", options) == KEY
+    with pytest.raises(MissingObjectError) as err:
+        load_key(f"{bucket}/keys/nowhere.key", options)
+    assert "\n" not in str(err.value) and f"{bucket}/keys/nowhere.key" in str(err.value)
