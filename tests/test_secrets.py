@@ -18,6 +18,7 @@ from fetaliqa.redact import public_url, redact_text
 from fetaliqa.score.ledger import read_table
 from fetaliqa.score.schema import CASES, ERRORS
 from fetaliqa.score.write import summarise_cases
+from fetaliqa.synthetic.archive import write_synthetic_archive
 
 SIGNED_S3 = ("https://bucket.s3.amazonaws.com/archive/images/stacked_fetal_ultrasound/c1.nii.gz?X-Amz-Algorithm="
              "AWS4-HMAC-SHA256&X-Amz-Credential=AKIDEXAMPLE%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
@@ -124,8 +125,6 @@ def _texts(path: Path) -> list[str]:
 
 
 def test_presigned_manifest_scores_and_leaks_no_signature(s3_server, s3_endpoint, s3_bucket, cls_checkpoint, tmp_path):
-    from fetaliqa.synthetic.archive import write_synthetic_archive
-
     bucket, options = s3_bucket
     ids = write_synthetic_archive(f"{bucket}/archive", cases=3, frames_per_sweep=4, height=40, width=50, seed=1,
                                   storage_options=options)
@@ -160,3 +159,27 @@ def test_presigned_manifest_scores_and_leaks_no_signature(s3_server, s3_endpoint
     leaks = [(str(path), secret) for path in files for text in _texts(path) for secret in secrets if secret in text]
     leaks += [("job log", secret) for secret in secrets if secret in log]
     assert leaks == []
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_a_presigned_manifest_url_is_read_as_a_manifest(s3_endpoint, s3_bucket, suffix):
+    """`--input` may itself be a presigned URL of a manifest: its kind comes from its path, not the query string,
+    and its folder (where a relative entry or the annotations would be) is the unsigned one."""
+    import fsspec
+
+    from fetaliqa.inputs.listing import archive_root, list_archive
+
+    bucket, options = s3_bucket
+    ids = write_synthetic_archive(f"{bucket}/archive", cases=2, frames_per_sweep=1, height=32, width=32, seed=2,
+                                  storage_options=options)
+    name = bucket.removeprefix("s3://")
+    images = [_presign(s3_endpoint, name, f"archive/{layout.IMAGES_DIR}/{case_id}.mha") for case_id in ids]
+    text = ("uri\n" if suffix == ".csv" else "") + "\n".join(images) + "\n"
+    fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint}).pipe_file(f"{name}/archive/list{suffix}",
+                                                                                   text.encode())
+    manifest = _presign(s3_endpoint, name, f"archive/list{suffix}")
+
+    listed = list_archive(manifest).to_pylist()
+    assert sorted((row["case_id"], row["source"], row["error"]) for row in listed) == sorted(
+        (case_id, url, "") for case_id, url in zip(ids, images))
+    assert archive_root(manifest) == f"{s3_endpoint}/{name}/archive"

@@ -52,6 +52,7 @@ from fetaliqa.inputs import storage
 from fetaliqa.inputs.dicom import is_dicom_candidate
 from fetaliqa.inputs.dicom_studies import list_dicom_studies
 from fetaliqa.inputs.storage import StorageOptions
+from fetaliqa.redact import public_url
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 URI_COLUMN = "uri"
@@ -102,9 +103,15 @@ def archive_root(input_url: str) -> str:
     """The folder whose `masks/` and `circumferences/` annotate the cases of `input_url`: a manifest's or an image
     file's folder, the root above an `images/stacked_fetal_ultrasound` folder, else `input_url` itself."""
     url = input_url.rstrip("/")
-    if url.lower().endswith(MANIFEST_SUFFIXES) or layout.image_suffix(url):
+    if is_manifest(url) or layout.image_suffix(url):
+        url = public_url(url)  # a presigned file's folder: no signature (its other objects are not signed by it)
         url = url[: url.rfind("/")] if "/" in url else "."
     return url[: -len(layout.IMAGES_DIR) - 1] if url.endswith("/" + layout.IMAGES_DIR) else url
+
+
+def is_manifest(url: str) -> bool:
+    """Whether `url` names a manifest, by the suffix of its path (a presigned URL's query string aside)."""
+    return layout.url_path(url).lower().endswith(MANIFEST_SUFFIXES)
 
 
 def _masks_by_case(root_url: str, storage_options: StorageOptions) -> dict[str, str]:
@@ -189,9 +196,8 @@ def _check_unique(input_url: str, table: pa.Table) -> None:
 
 def _iter_sources(input_url: str, storage_options: StorageOptions, recursive: bool) -> Iterator[str]:
     fs, path = storage.filesystem(input_url, storage_options)
-    lower = input_url.lower()
     try:
-        if lower.endswith(MANIFEST_SUFFIXES):
+        if is_manifest(input_url):
             yield from _iter_manifest(fs, path, input_url)
         elif layout.image_suffix(input_url):
             if not fs.exists(path):
@@ -264,7 +270,8 @@ def _iter_files(fs, path: str) -> Iterator[str]:
 
 
 def _iter_manifest(fs, path: str, url: str) -> Iterator[str]:
-    base = url[: url.rfind("/") + 1]  # the manifest's folder, with its scheme and trailing '/'
+    unsigned = public_url(url)  # a presigned manifest's query string would otherwise cut its folder short
+    base = unsigned[: unsigned.rfind("/") + 1]  # the manifest's folder, with its scheme and trailing '/'
     for entry in _iter_manifest_entries(fs, path, url):
         entry = entry.strip()
         if entry:
@@ -272,7 +279,8 @@ def _iter_manifest(fs, path: str, url: str) -> Iterator[str]:
 
 
 def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
-    if url.lower().endswith(".parquet"):
+    suffix = layout.url_path(url).lower()
+    if suffix.endswith(".parquet"):
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
@@ -281,7 +289,7 @@ def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
                 yield from (v for v in batch.column(0).to_pylist() if v is not None)
         return
     with fs.open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
-        if url.lower().endswith(".csv"):
+        if suffix.endswith(".csv"):
             rows = csv.reader(text)
             header = next(rows, [])
             at = header.index(URI_COLUMN) if URI_COLUMN in header else 0
