@@ -139,7 +139,7 @@ class RunTables:
             self.con.execute(f"CREATE TEMP VIEW {name} AS SELECT {select}{', NULL AS filename' if filename else ''} "
                              "FROM (SELECT 1) WHERE false")
             return
-        files = "[" + ", ".join(_sql_text(p) for p in paths) + "]"
+        files = _sql_list(paths)
         self.con.execute(f"CREATE TEMP VIEW {name} AS SELECT {select}{', filename' if filename else ''} "
                          f"FROM read_parquet({files}{', filename = true' if filename else ''})")
 
@@ -148,7 +148,7 @@ class RunTables:
         if not frame_files:
             self.con.execute("CREATE TEMP TABLE usable_from_frames (case_id VARCHAR, usable_sweeps TINYINT[])")
             return
-        files = "[" + ", ".join(_sql_text(p) for p in frame_files) + "]"
+        files = _sql_list(frame_files)
         self.con.execute("CREATE TEMP TABLE usable_from_frames AS SELECT case_id, list_sort(list_distinct(list(sweep))) "
                          f"AS usable_sweeps FROM read_parquet({files}) WHERE positive GROUP BY case_id")
 
@@ -182,6 +182,11 @@ def _sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _sql_list(texts: list[str]) -> str:
+    """A DuckDB list literal of quoted strings: ``['a', 'b']``."""
+    return "[" + ", ".join(_sql_text(t) for t in texts) + "]"
+
+
 def read_run_record(scores_url: str, storage_options: StorageOptions = None) -> dict:
     """The output's run.json; a one-line error when there is none (not an output of `fetaliqa score`)."""
     fs, root = storage.filesystem(scores_url, storage_options)
@@ -206,7 +211,8 @@ def read_case_info(url: str, storage_options: StorageOptions = None) -> tuple[pa
         if path.endswith(".parquet"):
             table = pq.read_table(io.BytesIO(data))
         else:  # every column as text: ids such as 007 keep their zeros
-            names = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(block_size=1 << 20)).column_names
+            # the header from the first block only (the streaming reader), then one parse with every column as text
+            names = pacsv.open_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(block_size=1 << 20)).schema.names
             table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names}, strings_can_be_null=True))
     except (pa.ArrowInvalid, OSError) as err:

@@ -279,8 +279,8 @@ def _iter_manifest(fs, path: str, url: str) -> Iterator[str]:
 
 
 def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
-    suffix = layout.url_path(url).lower()
-    if suffix.endswith(".parquet"):
+    manifest_path = layout.url_path(url).lower()  # a presigned URL's query string aside
+    if manifest_path.endswith(".parquet"):
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
@@ -289,7 +289,7 @@ def _iter_manifest_entries(fs, path: str, url: str) -> Iterator[str]:
                 yield from (v for v in batch.column(0).to_pylist() if v is not None)
         return
     with fs.open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
-        if suffix.endswith(".csv"):
+        if manifest_path.endswith(".csv"):
             rows = csv.reader(text)
             header = next(rows, [])
             at = header.index(URI_COLUMN) if URI_COLUMN in header else 0

@@ -74,7 +74,7 @@ class DecodeBuffer:
     """Memory that one reader decodes case after case into, so that each case does not map fresh pages.
 
     A new 351 MB buffer per ACOUSLIC case costs the kernel's page faults (and zeroing) on every case: on the
-    2-core dev VM the decode took a median 1.00 ms a frame into fresh memory against 0.60 into reused memory
+    2-core dev VM the decode took a median 1.33 ms a frame into fresh memory against 0.61 into reused memory
     (benchmarks/RESULTS-decode-resize.md). Arrays handed out are views of one allocation, valid until the
     next `array` call: only a caller that is done with a case's pixels before it reads the next (a scoring
     read task resizes them at once) may share one.
@@ -226,8 +226,8 @@ def _inflate(layout: _Layout, buffer: DecodeBuffer | None) -> np.ndarray | None:
                 if not _is_zlib_header(stream[0], stream[1]):
                     return None
                 if _LIBDEFLATE is None:
-                    buffer = deflate.zlib_decompress(stream, n_bytes)  # the package's own bytearray
-                    return np.frombuffer(buffer, layout.dtype).reshape(layout.shape) if len(buffer) == n_bytes else None
+                    inflated = deflate.zlib_decompress(stream, n_bytes)  # the package's own bytearray
+                    return np.frombuffer(inflated, layout.dtype).reshape(layout.shape) if len(inflated) == n_bytes else None
                 pixels = _new_pixels(layout, buffer)
                 return pixels if _LIBDEFLATE.inflate_exactly(stream, pixels) else None
 
@@ -236,8 +236,8 @@ class _Libdeflate:
     """libdeflate's own C API, from the copy the `deflate` package bundles and exports.
 
     Why not ``deflate.zlib_decompress``: it returns a new bytearray, which malloc maps in 4 KiB pages that
-    fault one by one as libdeflate writes them; for an ACOUSLIC case (351 MB) that is 86,000 faults, 23% of
-    the decode's CPU (0.78 against 0.64 ms a frame, benchmarks/RESULTS-decode-resize.md). A numpy buffer of
+    fault one by one as libdeflate writes them; for an ACOUSLIC case (351 MB) that is 86,000 faults, a fifth of
+    the decode's CPU (best of 12: 0.81 against 0.64 ms a frame, benchmarks/RESULTS-decode-resize.md). A numpy buffer of
     that size is advised to transparent huge pages, so libdeflate writes the pixels straight into the
     array fetaliqa returns. Same function, same checks (the Adler-32 trailer, the exact decoded size).
     """

@@ -6,8 +6,8 @@ found bad (not DICOM, bad header or UID, too large) is a row with `error` set, s
 without being read. A URI in a manifest that is missing or unreadable gets its `errors/` row when read.
 
 Sizes are checked before allocating, against `max_case_bytes` (`--max-case-gib`; default `READ_TASK_MEMORY`,
-what a read task declares, and a larger limit makes a task declare as much: `CaseReader.task_memory`): a stacked case whose decoded size (from its header) is over it is a `too_large`
-row. A DICOM study is decoded one instance at a time, each instance's frames released once resized, so the
+what a read task declares, and a larger limit makes a task declare as much: `CaseReader.task_memory`): a
+stacked case whose decoded size (from its header) is over it is a `too_large` row. A DICOM study is decoded one instance at a time, each instance's frames released once resized, so the
 limit applies to each instance: one over it (found at listing from its header, checked again at reading) is
 its own `too_large` row, and its study goes on with its other sweeps.
 
